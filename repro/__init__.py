@@ -1,0 +1,1 @@
+"""repro: AlexNet (2012) as two model-parallel towers, on today's PyTorch."""

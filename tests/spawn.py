@@ -9,6 +9,7 @@ with that rank's traceback. fn must be a module-level function (it is pickled by
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
 import traceback
 
@@ -47,7 +48,7 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
@@ -58,7 +59,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     results: dict[int, object] = {}
     errors = []
     for _ in range(world_size):
-        rank, status, value = queue.get()
+        try:
+            rank, status, value = queue.get(timeout=timeout)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if not p.is_alive()]
+            errors.append(f"no answer within {timeout}s; ranks that exited: {dead}")
+            break
         if status == "ok":
             results[rank] = value
         else:

@@ -120,9 +120,7 @@ def grid_shape(world_size: int, towers: int) -> tuple[int, int]:
     return world_size // towers, towers
 
 
-def init_distributed(
-    towers: int = 2, device: str = "auto", timeout_s: float = 300.0
-) -> Layout:
+def init_distributed(towers: int = 2, device: str = "auto", timeout_s: float = 300.0) -> Layout:
     """Build the layout from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     Without torchrun, or with WORLD_SIZE=1, this is the one-process layout and no process group
@@ -155,9 +153,7 @@ def _layout_from_groups(
     from torch.distributed.device_mesh import init_device_mesh
 
     # Mesh rows are replicas, columns towers: rank = replica * towers + tower.
-    mesh = init_device_mesh(
-        dev.type, (replicas, per_replica), mesh_dim_names=("replica", "tower")
-    )
+    mesh = init_device_mesh(dev.type, (replicas, per_replica), mesh_dim_names=("replica", "tower"))
     tower_group = mesh.get_group("tower") if per_replica > 1 else None
     replica_group = mesh.get_group("replica") if replicas > 1 else None
     replica, tower = divmod(rank, per_replica)

@@ -8,6 +8,7 @@ with that rank's traceback. fn must be a module-level function (it is pickled by
 
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_mod
 import socket
@@ -39,7 +40,11 @@ def _worker(rank, world_size, port, fn, args, queue):
 
     try:
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Plain bytes: tensors sent as they are would be shared-memory handles that die
+        # with this process before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -66,7 +71,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
             errors.append(f"no answer within {timeout}s; ranks that exited: {dead}")
             break
         if status == "ok":
-            results[rank] = value
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{value}")
             break

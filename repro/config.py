@@ -7,7 +7,11 @@ Section references are to the paper (shared/PAPER.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -160,3 +164,214 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. Reading and writing YAML lives in repro/configfile.py; the wrappers at the end of
+# this file re-export it so that `from repro.config import load_config` is the one entry point.
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot run; the message says where and what is valid."""
+
+
+CHOICES: dict[str, tuple[object, ...]] = {
+    "model.towers": (1, 2),
+    "model.exchange": ("paper", "fc8_only"),
+    "model.pool": ("overlapping", "non_overlapping"),
+    "model.lrn_alpha": ("per_window", "per_sum"),
+    "data.source": ("folders", "imagenet", "digits", "synthetic"),
+    "data.mean": ("image", "channel", "none"),
+    "data.decode": ("auto", "cpu", "mixed"),
+    "optim.schedule": ("plateau", "steps"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.channels_last": ("auto", "on", "off"),
+    "train.compile": ("auto", "on", "off"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+"""The fields that take one of a fixed set of values."""
+
+# (key, test, what a valid value is); each test gets the field's (type-checked) value.
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("model.num_classes", lambda v: v >= 2, ">= 2"),
+    (
+        "model.widths",
+        lambda v: len(v) == 5 and all(w >= 1 for w in v),
+        "5 positive ints (conv1..conv5)",
+    ),
+    ("model.fc_width", lambda v: v >= 1, ">= 1"),
+    ("model.image_size", lambda v: v >= 1, ">= 1"),
+    ("model.pad_right_bottom", lambda v: v >= 0, ">= 0"),
+    ("model.init_std", lambda v: v > 0, "> 0"),
+    ("model.conv345_init_std", lambda v: v > 0, "> 0"),
+    ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.resize", lambda v: v >= 1, ">= 1"),
+    ("data.crop", lambda v: v >= 1, ">= 1"),
+    ("data.lighting_std", lambda v: v >= 0, ">= 0 (0 turns colour noise off)"),
+    ("data.threads", lambda v: v >= 1, ">= 1"),
+    ("data.synthetic_images", lambda v: v >= 1, ">= 1"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.bias_lr_mult", lambda v: v >= 0, ">= 0"),
+    ("optim.lr_factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("optim.plateau_patience", lambda v: v >= 0, ">= 0"),
+    ("optim.max_drops", lambda v: v >= 0, ">= 0"),
+    (
+        "optim.drop_epochs",
+        lambda v: all(e >= 1 for e in v) and list(v) == sorted(set(v)),
+        "increasing epochs >= 1",
+    ),
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.seed", lambda v: v >= 0, ">= 0"),
+    ("train.run_dir", lambda v: v != "", "a folder (not empty)"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= 1, ">= 1"),
+    ("train.max_steps", lambda v: v >= 0, ">= 0 (0: no limit)"),
+    ("train.dist_timeout_s", lambda v: v > 0, "> 0"),
+    ("train.freeze_conv1_from_epoch", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("train.lighting_off_from_epoch", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("wandb.tags", lambda v: all(t != "" for t in v), "non-empty strings"),
+)
+
+
+def get_value(cfg: Config, key: str) -> object:
+    """The value of a dotted key such as 'optim.lr'."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
+    """Raise ConfigError listing every value this config cannot run with.
+
+    `origins` maps dotted keys to where each value was set (a file path, "command line",
+    "checkpoint"); a key missing from it is reported as from "defaults". The rules:
+
+    - choice fields (CHOICES): model.towers 1|2, model.exchange, model.pool, model.lrn_alpha,
+      data.source, data.mean, data.decode, optim.schedule, train.device, train.precision,
+      train.channels_last, train.compile, wandb.mode must be one of their choices;
+    - the ranges in _RANGES: num_classes >= 2; widths are 5 positive ints; fc_width,
+      image_size >= 1; pad_right_bottom >= 0; init stds > 0; dropout in [0, 1); resize,
+      crop, threads, synthetic_images >= 1; lighting_std >= 0; val_fraction in (0, 1);
+      lr > 0; momentum in [0, 1); weight_decay, bias_lr_mult >= 0; lr_factor in (0, 1);
+      plateau_patience, max_drops >= 0; drop_epochs increasing and >= 1; epochs,
+      batch_size, log_every, eval_every >= 1; seed, max_steps, freeze/lighting-off epochs
+      >= 0; dist_timeout_s > 0; run_dir not empty; wandb tags not empty strings;
+    - across fields: data.crop <= data.resize; model.image_size == data.crop (the net sees
+      the crop); train.batch_size divisible by model.towers (each tower's rank decodes 1/T
+      of the batch, DESIGN "Data"); data.root set unless data.source is 'synthetic' or
+      'digits'; data.val_labels set for source 'imagenet'; optim.drop_epochs not empty for
+      schedule 'steps'.
+
+    Whether the input is large enough for conv1 and three poolings is the model's check
+    (repro/layers.py spatial_sizes); the batch against the replica count is
+    validate_for_layout's, at run time.
+    """
+
+    def where(key: str) -> str:
+        return origins if isinstance(origins, str) else origins.get(key, "defaults")
+
+    problems: list[str] = []
+
+    def bad(key: str, rule: str) -> None:
+        problems.append(f"{where(key)}: {key} = {get_value(cfg, key)!r}: {rule}")
+
+    for key, choices in CHOICES.items():
+        value = get_value(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            bad(key, "must be one of " + ", ".join(repr(c) for c in choices) + hint)
+    for key, test, rule in _RANGES:
+        if not test(get_value(cfg, key)):
+            bad(key, "must be " + rule)
+
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    if d.crop > d.resize:
+        bad(
+            "data.crop",
+            f"must be <= data.resize = {d.resize} (the patch is cut from the resized image)",
+        )
+    if m.image_size != d.crop:
+        bad(
+            "model.image_size",
+            f"must equal data.crop = {d.crop} ({where('data.crop')}): the net sees the crop",
+        )
+    if m.towers in (1, 2) and t.batch_size % m.towers:
+        bad(
+            "train.batch_size",
+            f"must be divisible by model.towers = {m.towers} ({where('model.towers')})",
+        )
+    if d.root == "" and d.source in ("folders", "imagenet"):
+        bad("data.root", f"must name the data folder for data.source = {d.source!r}")
+    if d.val_labels == "" and d.source == "imagenet":
+        bad(
+            "data.val_labels",
+            "must name ImageNet's validation ground-truth file for data.source = 'imagenet'",
+        )
+    if o.schedule == "steps" and not o.drop_epochs:
+        bad(
+            "optim.drop_epochs", "must list the epochs of the lr drops for optim.schedule = 'steps'"
+        )
+
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
+
+
+def validate_for_layout(cfg: Config, replicas: int) -> None:
+    """At run time: the global batch must split evenly over replicas and then over towers.
+
+    Each replica takes batch_size / replicas images and each of its T tower ranks decodes 1/T
+    of those (DESIGN "Data"), so batch_size must be a multiple of replicas * towers.
+    """
+    unit = replicas * cfg.model.towers
+    if cfg.train.batch_size % unit:
+        b = cfg.train.batch_size
+        nearest = sorted({max(unit, b - b % unit), b - b % unit + unit})
+        raise ConfigError(
+            f"train.batch_size = {b} cannot be split over {replicas} replica(s) x "
+            f"{cfg.model.towers} tower(s): it must be a multiple of {unit}, e.g. "
+            + " or ".join(f"train.batch_size={n}" for n in nearest)
+        )
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, object]]:
+    """Plain nested dict (tuples as lists): what YAML files, checkpoints and wandb store."""
+    return {
+        f.name: {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(getattr(cfg, f.name)).items()
+        }
+        for f in fields(cfg)
+    }
+
+
+# Re-exports of repro/configfile.py, imported at call time because configfile imports this
+# module (a top-level import here would be circular).
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """The config of `path` (and its `base` chain), then `section.key=value` overrides, validated."""
+    from repro import configfile
+
+    return configfile.load_config(path, overrides)
+
+
+def config_from_dict(data: Mapping[str, object], origin: str = "checkpoint") -> Config:
+    """A validated Config from a nested dict such as a checkpoint's `config`."""
+    from repro import configfile
+
+    return configfile.config_from_dict(data, origin)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write `cfg` as YAML that load_config reads back to an equal Config."""
+    from repro import configfile
+
+    return configfile.save_config(cfg, path)

@@ -1,0 +1,44 @@
+"""Print the per-layer table of a config's net: output shape, parameters, multiply-adds.
+
+    python launch/summary.py                                  # the paper's net
+    python launch/summary.py configs/ablation_one_tower.yaml
+    python launch/summary.py configs/demo.yaml model.fc_width=256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import repro  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from repro import cli  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="summary",
+        description="Per-layer summary of the network, per tower and in total.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="YAML config (default: the paper's net)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args()
+
+    def run() -> int:
+        from repro.config import load_config
+        from repro.summary import format_summary
+
+        print(format_summary(load_config(args.config, args.overrides).model))
+        return 0
+
+    return cli.run("summary", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

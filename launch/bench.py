@@ -1,0 +1,40 @@
+"""Benchmarks, one sub-command each; the logic lives in repro/bench_*.py.
+
+    python launch/bench.py data --workers 2       # DALI vs a torch DataLoader, images/s
+    python launch/bench.py <command> --help
+
+Each sub-command module has `add_arguments(parser)` and `run(args)`; add one to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+try:
+    import repro  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# sub-command -> (module in repro/ with add_arguments and run, one-line help).
+COMMANDS = {
+    "data": ("repro.bench_data", "images/s of the DALI training pipeline vs a torch DataLoader"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, summary) in COMMANDS.items():
+        command = sub.add_parser(name, help=summary, description=summary)
+        command.set_defaults(module=module)
+        importlib.import_module(module).add_arguments(command)
+    args = parser.parse_args(argv)
+    importlib.import_module(args.module).run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,10 @@ import sys
 from collections.abc import Callable
 
 
+class OutputError(ValueError):
+    """An output path a command cannot write (not a folder, no permission, a read-only disk)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from repro.checkpoint import CheckpointError
     from repro.config import ConfigError
@@ -19,7 +23,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from repro.dist import LayoutError
     from repro.pipelines import DecodeError
 
-    return (ConfigError, DataError, LayoutError, CheckpointError, DecodeError, FileNotFoundError)
+    return (
+        ConfigError,
+        DataError,
+        LayoutError,
+        CheckpointError,
+        DecodeError,
+        OutputError,
+        FileNotFoundError,
+    )
 
 
 def run(prog: str, fn: Callable[[], int | None]) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+from torch.distributed.rendezvous import rendezvous
 
 
 class LayoutError(ValueError):
@@ -139,9 +140,18 @@ def init_distributed(towers: int = 2, device: str = "auto", timeout_s: float = 3
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(rendezvous("env://", timeout=timeout))
+        # After `torchrun --max-restarts` restarts the workers, the store still holds the dead
+        # attempt's gloo addresses under the same keys; a fresh prefix per attempt keeps the new
+        # ranks from dialling them ("Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            store=dist.PrefixStore(f"repro/attempt{attempt}/", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return _layout_from_groups(world_size, rank, towers, replicas, per_replica, dev)

@@ -38,7 +38,7 @@ def evaluate(
     autocast=None,
     progress=None,
 ) -> dict:
-    """Top-1/top-5 error, per-class accuracy and the confusion matrix over the whole set.
+    """Top-1/top-5 error, per-class accuracy, the confusion matrix and the loss over the whole set.
 
     `autocast` is a zero-argument callable returning a context manager (bf16 on GPU).
     Every rank of a replica runs the same batches (its towers need each other); `progress`
@@ -53,6 +53,7 @@ def evaluate(
     k = min(5, num_classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     top_k_hits = torch.zeros((), dtype=torch.float64)
+    nll = torch.zeros((), dtype=torch.float64)  # sum of -log p(true class), p as averaged
     for images, labels in batches:
         probs = class_probabilities(model, images, views, autocast)
         labels = labels.view(-1).to(probs.device)
@@ -63,16 +64,22 @@ def evaluate(
             )
         best = probs.topk(k, dim=1).indices
         top_k_hits += (best == labels[:, None]).any(dim=1).sum().double().cpu()
+        nll -= probs.gather(1, labels[:, None]).clamp_min(1e-30).log().sum().double().cpu()
         index = labels.cpu() * num_classes + best[:, 0].cpu()
         confusion += torch.bincount(index, minlength=num_classes**2).view_as(confusion)
         if progress is not None:
             progress.update(labels.shape[0])
     model.train(was_training)
     if layout.replica_group is not None:
-        packed = torch.cat([confusion.flatten(), top_k_hits.view(1)])
+        packed = torch.cat([confusion.flatten(), top_k_hits.view(1), nll.view(1)])
+        packed = packed.to(layout.device)  # NCCL reduces only GPU tensors
         dist.all_reduce(packed, group=layout.replica_group)
-        confusion, top_k_hits = packed[:-1].view_as(confusion), packed[-1]
-    return summarize_confusion(confusion, top_k_hits.item(), patches)
+        packed = packed.cpu()
+        confusion, top_k_hits, nll = packed[:-2].view_as(confusion), packed[-2], packed[-1]
+    result = summarize_confusion(confusion, top_k_hits.item(), patches)
+    # The validation loss (cross-entropy of the averaged softmax), per image.
+    result["loss"] = nll.item() / result["images"]
+    return result
 
 
 def _no_autocast():

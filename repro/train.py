@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from repro import checkpoint as ckpt
 from repro.config import Config, config_to_dict, save_config, validate_for_layout
-from repro.data import build_eval_loader, build_train_loader
+from repro.data import DataError, build_eval_loader, build_train_loader
 from repro.dist import Layout, init_distributed, teardown
 from repro.evaluate import evaluate
 from repro.model import AlexNet
@@ -118,7 +118,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     val_data = build_eval_loader(cfg.data, layout, per_replica, "center", channels_last)
     classes = train_data.class_names
     if len(classes) != cfg.model.num_classes:
-        raise TrainingError(
+        raise DataError(
             f"model.num_classes={cfg.model.num_classes} but {cfg.data.root or cfg.data.source} "
             f"has {len(classes)} training classes; set model.num_classes={len(classes)}"
         )
@@ -192,30 +192,34 @@ def train(cfg: Config, layout: Layout) -> dict:
                 layout, steps, f"epoch {pos.epoch + 1}/{cfg.train.epochs}", pos.step_in_epoch
             )
             window, t0, stopping = [], time.perf_counter(), False
-            for images, labels in train_data.epoch(pos.epoch, pos.step_in_epoch, lighting):
-                with autocast():
-                    logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params, layout)  # data parallel over replicas (no-op if R == 1)
-                optimizer.step()
-                pos.step += 1
-                pos.step_in_epoch += 1
-                window.append(loss.detach())
-                if len(window) == cfg.train.log_every or pos.step_in_epoch == steps:
-                    last = log_window(window, pos, optimizer, layout, tracker, t0, per_replica)
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.4f}",
-                        lr=f"{last['lr']:.2g}",
-                        img_s=f"{last['images_per_s']:.0f}",
-                    )
-                    window, t0 = [], time.perf_counter()
-                bar.update(1)
-                stopping = stop.agreed(layout)  # the same answer on every rank
-                if stopping or reached(cfg, pos):
-                    break
-            bar.close()
+            try:  # close the bar first, so an error is printed below it
+                for images, labels in train_data.epoch(pos.epoch, pos.step_in_epoch, lighting):
+                    with autocast():
+                        logits = forward(images)
+                    loss = F.cross_entropy(logits.float(), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    average_gradients(
+                        params, layout
+                    )  # data parallel over replicas (no-op if R == 1)
+                    optimizer.step()
+                    pos.step += 1
+                    pos.step_in_epoch += 1
+                    window.append(loss.detach())
+                    if len(window) == cfg.train.log_every or pos.step_in_epoch == steps:
+                        last = log_window(window, pos, optimizer, layout, tracker, t0, per_replica)
+                        bar.set_postfix(
+                            loss=f"{last['loss']:.4f}",
+                            lr=f"{last['lr']:.2g}",
+                            img_s=f"{last['images_per_s']:.0f}",
+                        )
+                        window, t0 = [], time.perf_counter()
+                    bar.update(1)
+                    stopping = stop.agreed(layout)  # the same answer on every rank
+                    if stopping or reached(cfg, pos):
+                        break
+            finally:
+                bar.close()
             if window:  # flush a partial window so no step's loss goes unchecked
                 last = log_window(window, pos, optimizer, layout, tracker, t0, per_replica)
             if stopping:

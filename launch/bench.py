@@ -1,9 +1,13 @@
 """Benchmarks, one sub-command each; the logic lives in repro/bench_*.py.
 
     python launch/bench.py data --workers 2       # DALI vs a torch DataLoader, images/s
+    python launch/bench.py train                  # training images/s and MFU, every layout
+    python launch/bench.py infer                  # evaluation images/s, every layout
+    python launch/bench.py exchange               # bytes and time at the cross-tower links
     python launch/bench.py <command> --help
 
 Each sub-command module has `add_arguments(parser)` and `run(args)`; add one to COMMANDS.
+`args.command` names the sub-command (train and infer share one module).
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 # sub-command -> (module in repro/ with add_arguments and run, one-line help).
 COMMANDS = {
     "data": ("repro.bench_data", "images/s of the DALI training pipeline vs a torch DataLoader"),
+    "train": ("repro.bench_train", "training images/s and MFU: 1 process, 2 ranks, 2R ranks"),
+    "infer": ("repro.bench_train", "evaluation images/s and MFU: 1 process, 2 ranks, 2R ranks"),
+    "exchange": (
+        "repro.bench_exchange",
+        "bytes per image at each cross-tower link, time on 2 ranks",
+    ),
 }
 
 

@@ -1,8 +1,8 @@
 """Print the per-layer table of a config's net: output shape, parameters, multiply-adds.
 
-    python launch/summary.py                                  # the paper's net
-    python launch/summary.py configs/ablation_one_tower.yaml
-    python launch/summary.py configs/demo.yaml model.fc_width=256
+python launch/summary.py                                  # the paper's net
+python launch/summary.py configs/ablation_one_tower.yaml
+python launch/summary.py configs/demo.yaml model.fc_width=256
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Train the two-tower AlexNet in any layout.
 
-    torchrun --nproc_per_node 2 launch/train.py configs/paper.yaml        # one tower per GPU
-    python launch/train.py configs/paper.yaml                             # one GPU (or CPU)
-    torchrun --nnodes 2 --nproc_per_node 8 ... launch/train.py configs/paper.yaml train.batch_size=1024
-    python launch/train.py configs/paper.yaml optim.lr=0.02 data.root=/data/imagenet
-    python launch/train.py configs/demo.yaml train.resume=latest
+torchrun --nproc_per_node 2 launch/train.py configs/paper.yaml        # one tower per GPU
+python launch/train.py configs/paper.yaml                             # one GPU (or CPU)
+torchrun --nnodes 2 --nproc_per_node 8 ... launch/train.py configs/paper.yaml train.batch_size=1024
+python launch/train.py configs/paper.yaml optim.lr=0.02 data.root=/data/imagenet
+python launch/train.py configs/demo.yaml train.resume=latest
 """
 
 from __future__ import annotations

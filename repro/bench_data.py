@@ -3,9 +3,8 @@
 Both do the same work per image on the same JPEG files with the same number of CPU
 workers (DALI threads / DataLoader worker processes): decode, shorter side to 256,
 central 256 square, per-pixel mean subtracted, random 224 patch, random flip, PCA
-lighting, float32 CHW batch. The DataLoader side uses torchvision's PIL functions where
-torchvision imports, and the same PIL calls directly where it does not (a torchvision
-build that does not match torch); the table and JSON say which ran.
+lighting, float32 CHW batch. The DataLoader side decodes with PIL and resizes and crops
+with torchvision's functional transforms, as torchvision's ImageNet recipe does.
 
     python launch/bench.py data                       # makes 512 JPEGs of 500x375 first
     python launch/bench.py data --root data/flowers --workers 8 --batch 128 --seconds 30
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import functional as tvf
 from tqdm import tqdm
 
 from repro import data, pipelines
@@ -57,30 +57,6 @@ def make_jpegs(
     return root
 
 
-def _pil_functions():
-    """(resize shorter side, centre crop, name, why not torchvision) on PIL images:
-    torchvision's functions, else the same PIL calls they make."""
-    try:
-        from torchvision.transforms import functional as tvf
-
-        return (lambda im, s: tvf.resize(im, s)), tvf.center_crop, "torchvision", ""
-    except Exception as e:  # a torchvision built for another torch fails at import
-        reason = f"torchvision unavailable: {type(e).__name__}: {str(e)[:120]}"
-
-    def resize(im, s):
-        w, h = im.size
-        short, long = (w, h) if w <= h else (h, w)
-        size = (s, int(s * long / short)) if w <= h else (int(s * long / short), s)
-        return im.resize(size, Image.BILINEAR)
-
-    def center_crop(im, s):
-        w, h = im.size
-        left, top = int(round((w - s) / 2)), int(round((h - s) / 2))
-        return im.crop((left, top, left + s, top + s))
-
-    return resize, center_crop, "PIL", reason
-
-
 class AugmentedFiles(torch.utils.data.Dataset):
     """The DALI training graph's work, one image at a time in a DataLoader worker."""
 
@@ -90,7 +66,6 @@ class AugmentedFiles(torch.utils.data.Dataset):
         self.mean = self.mean.float().permute(2, 0, 1)
         self.basis = pipelines.lighting_basis(IMAGENET_EIGVAL, IMAGENET_EIGVEC)
         self.sigma, self.seed = sigma, seed
-        self.resize_fn, self.crop_fn, self.name, self.fallback = _pil_functions()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,7 +73,7 @@ class AugmentedFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, i])
         with Image.open(self.paths[i]) as im:
-            im = self.crop_fn(self.resize_fn(im.convert("RGB"), self.resize), self.resize)
+            im = tvf.center_crop(tvf.resize(im.convert("RGB"), self.resize), self.resize)
             x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() - self.mean
         oy, ox = rng.integers(0, self.resize - self.crop + 1, 2)
         x = x[:, oy : oy + self.crop, ox : ox + self.crop]
@@ -148,7 +123,7 @@ def bench_torch(root: Path, workers: int, batch: int, n_batches: int, seconds: f
             yield from loader
 
     result = _time(batches(), n_batches, seconds, batch)
-    return {**result, "implementation": dataset.name, "note": dataset.fallback}
+    return {**result, "implementation": "torchvision"}
 
 
 def _git_revision() -> str | None:

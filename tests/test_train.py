@@ -111,20 +111,8 @@ def test_one_process_and_two_ranks_log_the_same_losses(digits, tmp_path):
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(digits, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     ok(python(*TRAIN, *args(straight, digits, "train.max_steps=16")))
-    proc = subprocess.Popen(
-        [sys.executable, *TRAIN, *args(stopped, digits, "train.max_steps=16")],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = stopped / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 5
-    ):
-        time.sleep(0.05)
+    proc = start(*TRAIN, *args(stopped, digits, "train.max_steps=16"))
+    assert wait_for(lambda: logged_steps(stopped) >= 5, 120), "the run did not start"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
@@ -158,33 +146,43 @@ def worker_pids(torchrun_pid: int) -> list[int]:
     return pids
 
 
+def start(*argv: str) -> subprocess.Popen:
+    """A command in the background, as a user's terminal would run it."""
+    return subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, env=env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not condition():
+        time.sleep(0.1)
+    return condition()
+
+
+def logged_steps(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+KILLABLE = (
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "--monitor-interval=0.5",
+)
+
+
 def test_killed_rank_ends_the_job_and_restart_resumes(digits, tmp_path):
     """SIGKILL one worker after the first epoch's checkpoint: torchrun restarts both and the
     run resumes from that checkpoint instead of hanging or starting over."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "--max-restarts=1",
-            "--monitor-interval=0.5",
-            *TRAIN,
-            *args(run, digits, "train.max_steps=30", "train.dist_timeout_s=60"),
-        ],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    ckpts = run / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(ckpts.glob("epoch0001_*.pt")):
-        time.sleep(0.1)
-    assert list(ckpts.glob("epoch0001_*.pt")), "no epoch checkpoint appeared"
+    limits = ("train.max_steps=30", "train.dist_timeout_s=60")
+    proc = start(*KILLABLE, "--max-restarts=1", *TRAIN, *args(run, digits, *limits))
+    first_epoch = lambda: list((run / "checkpoints").glob("epoch0001_*.pt"))  # noqa: E731
+    assert wait_for(first_epoch, 180), "no epoch checkpoint appeared"
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
     errors = [ln for ln in err.replace("\r", "\n").splitlines() if "Error" in ln]
@@ -195,34 +193,14 @@ def test_killed_rank_ends_the_job_and_restart_resumes(digits, tmp_path):
 
 def test_killed_rank_without_restart_exits_in_bounded_time(digits, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "--monitor-interval=0.5",
-            *TRAIN,
-            *args(run, digits, "train.max_steps=200", "train.dist_timeout_s=20"),
-        ],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
-    ):
-        time.sleep(0.1)
+    limits = ("train.max_steps=200", "train.dist_timeout_s=20")
+    proc = start(*KILLABLE, *TRAIN, *args(run, digits, *limits))
+    assert wait_for(lambda: logged_steps(run) >= 3, 120), "the run did not start"
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
-    start = time.time()
+    begun = time.time()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert time.time() - start < 60
+    assert time.time() - begun < 60
     assert "Signals.SIGKILL" in err or "exitcode" in err  # torchrun names the failed rank
 
 

@@ -145,8 +145,7 @@ class AlexNet(nn.Module):
         h = self.link(h, always=True)  # fc8 reads both towers in every variant: (B, 4096)
         logits = [t.fc8(a) for t, a in zip(towers, h)]  # (B, classes/2) per tower
         if self.training:
-            for t in towers:
-                t.dropout_draws += 1
+            self.count_draws(towers)
         return gather_for_replicated(logits, self.layout, self.class_split)  # (B, classes)
 
     def link(self, parts: list[Tensor], always: bool = False) -> list[Tensor]:
@@ -161,12 +160,19 @@ class AlexNet(nn.Module):
         whole = gather_for_split_layer(parts, self.layout, sizes)
         return [whole] * len(parts)
 
+    @torch.compiler.disable  # Python ints and a seeded generator: traced, each step recompiles
     def dropout(self, h: Tensor, tower: Tower, layer: int) -> Tensor:
         """§4.2 dropout drawn by the tower that owns the neurons, before the exchange."""
         if not self.training or self.cfg.dropout == 0:
             return h
         seed = mask_seed(self.seed, tower.index, layer, tower.dropout_draws)
         return tower_dropout(h, self.cfg.dropout, seed, self.layout.replica, self.layout.replicas)
+
+    @torch.compiler.disable  # a Python counter: traced, every new value would recompile
+    def count_draws(self, towers: list[Tower]) -> None:
+        """One more mask drawn per tower (the dropout seeds' coordinate; saved in checkpoints)."""
+        for t in towers:
+            t.dropout_draws += 1
 
     def check_input(self, images: Tensor) -> None:
         s = self.cfg.image_size

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=128 if gpu else 32, help="global batch")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
+        "--mode", choices=("train", "infer"), default="train", help="the step measured on 2 ranks"
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="total torch threads, split over 2 ranks (0: cores)"
     )
     parser.add_argument("--warmup", type=int, default=2)
@@ -59,14 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="JSON file (default runs/bench/exchange.json)")
 
 
-def volume_rows(cfg: ModelConfig, precision: str, batch: int, links: list[LinkModel]) -> list:
+def volume_rows(
+    cfg: ModelConfig, precision: str, batch: int, links: list[LinkModel], backward: bool = True
+) -> list:
     """The derived table: per link, bytes per image and per step, modelled ms per link."""
     rows = []
     for v in exchange_volume(cfg, dtype_bytes(precision)):
-        per_step = (v["forward_bytes"] + v["backward_bytes"]) * batch
-        modelled = {
-            link.name: 1e3 * modelled_seconds([v], batch, link, backward=True) for link in links
-        }
+        per_step = (v["forward_bytes"] + (v["backward_bytes"] if backward else 0)) * batch
+        modelled = {link.name: 1e3 * modelled_seconds([v], batch, link, backward) for link in links}
         rows.append({**v, "step_bytes": per_step, "modelled_ms": modelled})
     return rows
 
@@ -80,13 +83,13 @@ def run(args: argparse.Namespace) -> dict:
     warmup, steps, repeats = (1, 1, 2) if args.tiny else (args.warmup, args.steps, args.repeats)
     ctx = benchkit.context()
     print(f"bench exchange: {benchkit.describe_context(ctx)}")
-    volume = volume_rows(cfg, args.precision, args.batch, links)
+    volume = volume_rows(cfg, args.precision, args.batch, links, args.mode == "train")
     measured, notes = None, []
     if device == "cuda" and torch.cuda.device_count() < 2:
         notes.append("2-rank exchange times not measured: needs 2 GPUs, 1 visible")
     else:
         job = Job(
-            "train",
+            args.mode,
             cfg,
             device,
             (Case(args.batch, args.precision),),
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         "command": "exchange",
         "settings": {
             "device": device,
+            "mode": args.mode,
             "batch": args.batch,
             "precision": args.precision,
             "threads": threads,
@@ -200,7 +204,7 @@ def print_result(result: dict) -> None:
     ms = lambda st: f"{st['median'] * 1e3:.1f} [{st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f}]"  # noqa: E731
     print(
         f"\nmeasured on {m['layout'].split(';')[0]}, {m['threads_per_rank']} thread(s) per rank "
-        "(median [min-max] ms per training step):"
+        f"(median [min-max] ms per {s['mode']} step):"
     )
     benchkit.print_table(
         ["what", "ms"],

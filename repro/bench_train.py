@@ -296,6 +296,8 @@ def target_checks(rows: list[dict]) -> list[dict]:
                     {
                         "batch": two["batch"],
                         "precision": two["precision"],
+                        "channels_last": two["channels_last"],
+                        "compile": two["compile"],
                         "threads_total": {
                             "1 process": one["threads_per_rank"],
                             "2 ranks": 2 * two["threads_per_rank"],
@@ -348,9 +350,12 @@ def print_rows(result: dict) -> None:
         )
     for c in result["checks"]:
         verdict = "met" if c["met"] else "NOT met"
+        switches = f"channels_last {'on' if c['channels_last'] else 'off'}, compile " + (
+            "on" if c["compile"] else "off"
+        )
         print(
-            f"CPU target, batch {c['batch']} {c['precision']}: 2 ranks / 1 process step time = "
-            f"{c['ratio_2_ranks_to_1_process']:.3f}x (target <= 1.15x: {verdict}), "
+            f"CPU target, batch {c['batch']} {c['precision']}, {switches}: 2 ranks / 1 process "
+            f"step time = {c['ratio_2_ranks_to_1_process']:.3f}x (target <= 1.15x: {verdict}), "
             f"threads {c['threads_total']}"
         )
     for n in result["notes"]:

@@ -134,9 +134,15 @@ def _rank_entry(rank: int, world_size: int, port: int, threads: int, fn, args, r
 
 
 def run_ranks(
-    fn: Callable, world_size: int, args: tuple, threads: int, timeout_s: float = 3600.0
+    fn: Callable,
+    world_size: int,
+    args: tuple,
+    threads: int,
+    timeout_s: float = 3600.0,
+    every_rank: bool = False,
 ) -> object:
-    """fn(*args) on world_size fresh processes (rank = process index); rank 0's return value.
+    """fn(*args) on world_size fresh processes (rank = process index); rank 0's return value,
+    or with `every_rank` the list of every rank's, in rank order (the tests compare them).
 
     Every layout, one process included, runs in fresh processes so that no row inherits
     another's allocations or compiled graphs. A rank that fails fails the call with its
@@ -171,7 +177,7 @@ def run_ranks(
                 p.kill()
     if error:
         raise RuntimeError(error)
-    return values[0]
+    return [values[r] for r in range(world_size)] if every_rank else values[0]
 
 
 # -- the record beside every figure ------------------------------------------------------------

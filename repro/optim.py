@@ -39,7 +39,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     )
 
 
-def build_schedule(optimizer: torch.optim.SGD, cfg: OptimConfig, steps_per_epoch: int):
+def build_schedule(optimizer: torch.optim.SGD, cfg: OptimConfig):
     """The epoch-level learning-rate schedule; `step_schedule` advances it."""
     if cfg.schedule == "plateau":
         # min_lr stops after max_drops divisions (§5: three); eps keeps float noise from

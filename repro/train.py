@@ -128,7 +128,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
-    schedule = build_schedule(optimizer, cfg.optim, train_data.steps_per_epoch)
+    schedule = build_schedule(optimizer, cfg.optim)
     forward = torch.compile(model) if compile_model else model
 
     # -- resume: from a path, from "latest", or automatically after a torchrun restart -------

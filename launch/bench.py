@@ -12,30 +12,24 @@ Each sub-command module has `add_arguments(parser)` and `run(args)`; add one to 
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import sys
-from pathlib import Path
 
-try:
-    import repro  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from repro import cli
 
 # sub-command -> (module in repro/ with add_arguments and run, one-line help).
 COMMANDS = {
-    "data": ("repro.bench_data", "images/s of the DALI training pipeline vs a torch DataLoader"),
-    "train": ("repro.bench_train", "training images/s and MFU: 1 process, 2 ranks, 2R ranks"),
-    "infer": ("repro.bench_train", "evaluation images/s and MFU: 1 process, 2 ranks, 2R ranks"),
+    "data": ("repro.bench.data", "images/s of the DALI training pipeline vs a torch DataLoader"),
+    "train": ("repro.bench.train", "training images/s and MFU: 1 process, 2 ranks, 2R ranks"),
+    "infer": ("repro.bench.train", "evaluation images/s and MFU: 1 process, 2 ranks, 2R ranks"),
     "exchange": (
-        "repro.bench_exchange",
+        "repro.bench.exchange",
         "bytes per image at each cross-tower link, time on 2 ranks",
     ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser = cli.parser("bench", __doc__.splitlines()[0], None)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, summary) in COMMANDS.items():
         command = sub.add_parser(name, help=summary, description=summary)
@@ -47,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

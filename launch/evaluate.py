@@ -15,24 +15,14 @@ count differs from the checkpoint's, an unreadable image, an output folder not w
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-try:
-    import repro  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from repro import cli  # noqa: E402
+from repro import cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="evaluate",
-        description="Top-1/top-5 error of a checkpoint, centre patch and 10 patches (§4.1).",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli.parser(
+        "evaluate",
+        "Top-1/top-5 error of a checkpoint, centre patch and 10 patches (§4.1).",
+        __doc__,
     )
     parser.add_argument("checkpoint", help="a checkpoint .pt written by training")
     parser.add_argument(
@@ -52,7 +42,7 @@ def main() -> int:
         parser.error("--batch must be >= 0")
 
     def run() -> int:
-        from repro.eval_report import run as evaluate
+        from repro.tools.report import run as evaluate
 
         evaluate(args.checkpoint, args.data_root, args.patches, args.batch, args.out, args.device)
         return 0
@@ -61,4 +51,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

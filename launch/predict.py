@@ -17,15 +17,8 @@ the rest still predicted); 2 a bad input (missing or foreign checkpoint, an empt
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-try:
-    import repro  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from repro import cli  # noqa: E402
+from repro import cli
 
 
 def positive(text: str) -> int:
@@ -36,12 +29,7 @@ def positive(text: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="predict",
-        description="Top-k class names and probabilities per image.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("predict", "Top-k class names and probabilities per image.", __doc__)
     parser.add_argument("checkpoint", help="a checkpoint .pt written by training")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     parser.add_argument("--top-k", type=positive, default=5, help="classes per image (default 5)")
@@ -53,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
 
     def run() -> int:
-        from repro.predict import predict
+        from repro.tools.predict import predict
 
         skipped = predict(
             args.checkpoint,
@@ -71,4 +59,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -7,24 +7,12 @@ python launch/summary.py configs/demo.yaml model.fc_width=256
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-try:
-    import repro  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from repro import cli  # noqa: E402
+from repro import cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="summary",
-        description="Per-layer summary of the network, per tower and in total.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli.parser(
+        "summary", "Per-layer summary of the network, per tower and in total.", __doc__
     )
     parser.add_argument("config", nargs="?", help="YAML config (default: the paper's net)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -32,7 +20,7 @@ def main() -> int:
 
     def run() -> int:
         from repro.config import load_config
-        from repro.summary import format_summary
+        from repro.net.summary import format_summary
 
         print(format_summary(load_config(args.config, args.overrides).model))
         return 0
@@ -41,4 +29,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

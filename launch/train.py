@@ -9,32 +9,18 @@ python launch/train.py configs/demo.yaml train.resume=latest
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-try:
-    import repro  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from repro import cli  # noqa: E402
+from repro import cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="train",
-        description="Train AlexNet (2012) as two model-parallel towers.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("train", "Train AlexNet (2012) as two model-parallel towers.", __doc__)
     parser.add_argument("config", help="YAML file, e.g. configs/paper.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.02")
     args = parser.parse_args()
 
     def run() -> int:
         from repro.config import load_config
-        from repro.train import main as train
+        from repro.run.train import main as train
 
         train(load_config(args.config, args.overrides))
         return 0
@@ -43,4 +29,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

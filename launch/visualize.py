@@ -18,23 +18,13 @@ folder without metrics.jsonl, an output folder not writable).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-try:
-    import repro  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from repro import cli  # noqa: E402
+from repro import cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="visualize",
-        description="Figure 3 kernels, activation maps and training curves of a run.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli.parser(
+        "visualize", "Figure 3 kernels, activation maps and training curves of a run.", __doc__
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
@@ -69,7 +59,7 @@ def main() -> int:
     args = parser.parse_args()
 
     def run() -> int:
-        from repro import visualize
+        from repro.tools import visualize
 
         if args.command == "kernels":
             visualize.kernels(args.checkpoint, args.out)
@@ -83,4 +73,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -1,27 +1,34 @@
-"""What every launch/ entry point shares: user errors as one line and an exit code, not a traceback.
+"""What every launch/ entry point shares: its parser, and user errors as one line and an exit code.
 
 A user error is one the person running the command can fix (a wrong key, a missing folder, a
 checkpoint for another model); it ends the command with `PROG: error: ...` on stderr and exit
 code 2. A run stopped for a non-finite loss exits with 1. Anything else is a bug and keeps
-its traceback.
+its traceback. This module sits above every room: it may import any of them, none imports it.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
 
-class OutputError(ValueError):
-    """An output path a command cannot write (not a folder, no permission, a read-only disk)."""
+def parser(prog: str, description: str, usage_doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose --help ends with the entry point's docstring (its examples)."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=usage_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from repro.checkpoint import CheckpointError
     from repro.config import ConfigError
-    from repro.data import DataError
-    from repro.dist import LayoutError
-    from repro.pipelines import DecodeError
+    from repro.data.folders import DataError, DecodeError
+    from repro.net.dist import LayoutError
+    from repro.run.checkpoint import CheckpointError
+    from repro.tools.inference import OutputError
 
     return (
         ConfigError,
@@ -34,9 +41,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def run(prog: str, fn: Callable[[], int | None]) -> int:
-    """Call fn; turn user errors into one line on stderr and exit code 2."""
-    from repro.train import TrainingError
+def run(
+    prog: str,
+    fn: Callable[[], int | None],
+    also: tuple[type[BaseException], ...] = (),
+    trace: bool = False,
+) -> int:
+    """Call fn; turn user errors into one line on stderr and exit code 2.
+
+    `also`: more exception types that are user errors for this command (their message is
+    folded onto one line); `trace`: re-raise them instead, for --traceback.
+    """
+    from repro.run.train import TrainingError
 
     try:
         return int(fn() or 0)
@@ -46,3 +62,16 @@ def run(prog: str, fn: Callable[[], int | None]) -> int:
     except TrainingError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
+    except also as err:
+        if trace:
+            raise
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """`if __name__ == "__main__": cli.exit_with(main)`: the process exits with main's code."""
+    sys.exit(main())

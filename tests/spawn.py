@@ -4,13 +4,13 @@
 variables set, one torch thread each (two ranks on two cores, as two GPUs would each have
 their own), calls fn(*args) in each and returns their return values in rank order. A failure
 in any rank fails the call with that rank's traceback; fn must be a module-level function.
-The spawning itself is the benchmarks' (repro/benchkit.py), so tests and benchmarks launch
+The spawning itself is the benchmarks' (repro/bench/kit.py), so tests and benchmarks launch
 ranks the same way.
 """
 
 from __future__ import annotations
 
-from repro import benchkit
+from repro.bench import kit as benchkit
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:

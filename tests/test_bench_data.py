@@ -1,4 +1,4 @@
-"""The data benchmark: repro/bench_data.py through launch/bench.py.
+"""The data benchmark: repro/bench/data.py through launch/bench.py.
 
 Proves (never asserting speed): `bench.py data` makes its own JPEG set, times both loaders
 over the requested batches and writes a JSON whose figures are consistent (images = timed
@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package need not be installed to be tested
-    sys.path.insert(0, str(ROOT))
+from repro.bench import data as bench_data
+from repro.data import loaders as data
 
-from repro import bench_data, data  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_launcher():

@@ -261,7 +261,7 @@ def test_frozen_and_defaults_are_the_paper() -> None:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_builds_its_network(path):
     """Validation alone does not know the net's smallest input: build the layer table too."""
-    from repro.summary import summarize
+    from repro.net.summary import summarize
 
     cfg = load_config(path, ["data.root=/data/anywhere"])
     rows = summarize(cfg.model)

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from repro.config import DataConfig, ModelConfig
-from repro.data import build_train_loader
-from repro.dist import single_process_layout
-from repro.model import AlexNet
+from repro.data.loaders import build_train_loader
+from repro.net.dist import single_process_layout
+from repro.net.model import AlexNet
 
 pytestmark = pytest.mark.gpu
 SMALL = ModelConfig(num_classes=5, widths=(16, 16, 16, 16, 16), fc_width=64, image_size=64)

@@ -13,7 +13,7 @@ it, saved in the format train.py writes. Proves:
   patch of the same image (and, with --patches ten, the mean over the test's own 10 views),
   and unreadable files are named on stderr, skipped, and make the exit code 1;
 - every PNG is written at its documented pixel size; the kernel picture is exactly
-  repro.plots.kernel_grid of conv1 and the colour-specificity score matches its definition;
+  repro.run.plots.kernel_grid of conv1 and the colour-specificity score matches its definition;
 - each bad input ends the command with exit code 2 and one line saying why.
 """
 
@@ -33,27 +33,25 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package need not be installed to be tested
-    sys.path.insert(0, str(ROOT))
-
-from repro import pipelines  # noqa: E402
-from repro.checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
-from repro.config import (  # noqa: E402
+from repro.config import (
     Config,
     DataConfig,
     ModelConfig,
     TrainConfig,
     config_to_dict,
 )
-from repro.data import build_eval_loader, build_train_loader  # noqa: E402
-from repro.datastats import compute_stats  # noqa: E402
-from repro.dist import single_process_layout  # noqa: E402
-from repro.eval_report import figure_inches  # noqa: E402
-from repro.model import AlexNet  # noqa: E402
-from repro.plots import kernel_grid  # noqa: E402
-from repro.predict import PLOT_DPI, PLOT_SIZE  # noqa: E402
-from repro.visualize import DPI, activation_figsize, colour_specificity  # noqa: E402
+from repro.data import pipelines
+from repro.data.loaders import build_eval_loader, build_train_loader
+from repro.data.stats import compute_stats
+from repro.net.dist import single_process_layout
+from repro.net.model import AlexNet
+from repro.run.checkpoint import FORMAT_VERSION, save_checkpoint
+from repro.run.plots import kernel_grid
+from repro.tools.predict import PLOT_DPI, PLOT_SIZE
+from repro.tools.report import figure_inches
+from repro.tools.visualize import DPI, activation_figsize, colour_specificity
+
+ROOT = Path(__file__).resolve().parents[1]
 
 COLOURS = {"ant": 0, "moth": 1, "zebra": 2}  # the RGB channel each class is bright in
 CLASSES = sorted(COLOURS)

@@ -1,0 +1,5 @@
+"""Benchmarks, apart from the library they measure: `kit` (rank spawning, timing, tables),
+`step` (one training or inference step per layout), `train`, `exchange`, `data` (the
+sub-commands of launch/bench.py) and `traffic` (bytes at each cross-tower link, link model).
+May import: repro.config, net, data, run. Never tools; nothing below imports bench.
+"""

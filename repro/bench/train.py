@@ -1,0 +1,368 @@
+"""`bench.py train` and `bench.py infer`: images/s of the net in every layout, with MFU.
+
+    python launch/bench.py train                  # CPU: batch 32 and 64; 1 process, 2 and 4 ranks
+    python launch/bench.py train --batch 128 512 --precision fp32 bf16 --compile off on   # GPUs
+    python launch/bench.py infer --layouts 1 2
+    python launch/bench.py train --project        # + one tower timed and a modelled link
+
+Layouts (the same step as repro/run/train.py, launched by the bench itself in fresh processes):
+1 process holding both towers; 2 ranks, one tower each; 2R ranks, R replicas x 2 towers.
+`--rounds` runs the layouts in turn that many times and pools each row's measurements, so
+that load from other jobs on a shared machine falls on every layout alike. On the CPU the ranks use gloo and share the machine's threads: the
+total thread count (--threads, default all cores) is split evenly, so one process with 2
+threads is compared with 2 ranks of 1 thread. On GPUs each rank gets its own GPU (NCCL);
+layouts needing more GPUs than there are are skipped with a note.
+
+MFU = training FLOPs per image (repro.net.summary.training_flops; forward only for `infer`)
+x images/s / peak, the peak being a large matmul in the row's precision timed by this
+command on the same device (per GPU x GPUs used; on the CPU with the total thread count).
+
+Projection (--project, and by itself on a machine with exactly one GPU): tower 0 alone in
+one process with stand-in exchanges (what one GPU of a two-GPU run computes), plus the
+exchange volume of repro/bench/traffic.py over an assumed link. It is a model, labelled as one.
+`--profile DIR` adds a torch.profiler run per row: top operators printed, traces in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+
+import torch
+
+from repro.bench import kit as benchkit
+from repro.bench.step import Case, Job, rank_main
+from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
+from repro.config import ModelConfig
+from repro.net.summary import summarize, training_flops
+
+TINY = ModelConfig(num_classes=10, widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67)
+"""--tiny: a net small enough for tests (all code paths, meaningless figures)."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--layouts", type=int, nargs="+", help="world sizes (1, 2, 2R); default: all that fit"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        help="global batch sizes (default: 128 512 on GPU; 32 64 on CPU, where a batch-128 "
+        "step of the paper's net takes seconds)",
+    )
+    parser.add_argument("--precision", nargs="+", choices=tuple(DTYPES), default=["fp32"])
+    parser.add_argument("--channels-last", nargs="+", choices=("off", "on"), default=["off"])
+    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"])
+    parser.add_argument(
+        "--threads", type=int, default=0, help="total torch threads, split over ranks (0: cores)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="steps before timing (excluded)")
+    parser.add_argument("--steps", type=int, default=3 if gpu else 2, help="steps per measurement")
+    parser.add_argument("--repeats", type=int, default=7 if gpu else 3, help="measurements")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="fresh runs of every layout, alternated in time, pooled per row (default: 3 on "
+        "CPU, where load from other jobs then falls on every layout alike; 1 on GPU, --tiny)",
+    )
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--project", action="store_true", help="add the one-tower projection")
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        nargs="+",
+        default=[300.0, 25.0],
+        help="assumed links for the projection (GB/s one way; NVLink, PCIe)",
+    )
+    parser.add_argument("--latency-us", type=float, default=10.0, help="per collective")
+    parser.add_argument("--peak-size", type=int, default=0, help="matmul side for the peak")
+    parser.add_argument("--tiny", action="store_true", help="a tiny net and 1-step runs (tests)")
+    parser.add_argument(
+        "--profile", default="", metavar="DIR", help="also profile each row: traces go to DIR"
+    )
+    parser.add_argument("--out", help="JSON file (default runs/bench/<command>.json)")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """Resolved options: device, model, layouts, cases, threads, timing."""
+    device = (
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA GPU is visible")
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    cfg = TINY if args.tiny else ModelConfig(num_classes=args.classes)
+    if args.layouts:
+        layouts = args.layouts
+    elif device == "cpu":
+        layouts = [1, 2, 4]
+    else:
+        layouts = sorted(
+            {1, *([2] if gpus >= 2 else []), *([2 * (gpus // 2)] if gpus >= 4 else [])}
+        )
+    bad = [w for w in layouts if w != 1 and w % 2]
+    if bad:
+        raise SystemExit(f"bench: --layouts {bad}: a layout is 1 process or 2R ranks (2 towers)")
+    batches = args.batch or ([4] if args.tiny else [128, 512] if device == "cuda" else [32, 64])
+    cases = tuple(
+        Case(b, p, cl == "on", c == "on")
+        for b, p, cl, c in itertools.product(
+            batches, args.precision, args.channels_last, args.compile
+        )
+    )
+    tiny = dict(warmup=1, steps=1, repeats=2) if args.tiny else {}
+    return {
+        "command": args.command,
+        "device": device,
+        "gpus": gpus,
+        "cfg": cfg,
+        "layouts": layouts,
+        "cases": cases,
+        "threads": args.threads or len(os.sched_getaffinity(0)),
+        "warmup": tiny.get("warmup", args.warmup),
+        "steps": tiny.get("steps", args.steps),
+        "repeats": tiny.get("repeats", args.repeats),
+        "rounds": args.rounds or (1 if args.tiny or device == "cuda" else 3),
+        "project": args.project or (device == "cuda" and gpus == 1),
+        "links": [LinkModel(f"{bw:g} GB/s", bw, args.latency_us) for bw in args.bandwidth_gbs],
+        "peak_size": args.peak_size or (256 if args.tiny else 8192 if device == "cuda" else 2048),
+    }
+
+
+def flops_per_image(cfg: ModelConfig, mode: str) -> int:
+    """Training: forward + both gradients (repro.net.summary); inference: forward, 2 per MAC."""
+    if mode == "train":
+        return training_flops(cfg)
+    return 2 * sum(r.macs_total for r in summarize(cfg))
+
+
+def run(args: argparse.Namespace) -> dict:
+    s = settings(args)
+    ctx = benchkit.context()
+    print(f"bench {s['command']}: {benchkit.describe_context(ctx)}")
+    device = torch.device(s["device"])
+
+    def measure_peaks() -> dict:
+        return {
+            p: benchkit.matmul_peak(device, DTYPES[p], s["peak_size"], threads=s["threads"])
+            for p in sorted({c.precision for c in s["cases"]})
+        }
+
+    first = measure_peaks()
+    job = dict(
+        mode=s["command"],
+        cfg=s["cfg"],
+        device=s["device"],
+        cases=s["cases"],
+        warmup=s["warmup"],
+        steps=s["steps"],
+        repeats=s["repeats"],
+    )
+    notes, entries = [], []  # (world size, threads per rank, one tower alone)
+    for world in s["layouts"]:
+        if s["device"] == "cuda" and world > s["gpus"]:
+            notes.append(f"{world} ranks skipped: needs {world} GPUs, {s['gpus']} visible")
+            continue
+        per_rank = max(1, s["threads"] // world)
+        if s["device"] == "cpu" and per_rank * world > s["threads"]:
+            notes.append(
+                f"{world} ranks use {per_rank * world} threads in all ({s['threads']} asked): "
+                "one thread per rank is the least"
+            )
+        entries.append((world, per_rank, False))
+    if s["project"]:
+        entries.append((1, s["threads"], True))
+    # Rounds alternate the layouts in time, so that load from other jobs on a shared machine
+    # falls on every layout alike; each row pools its measurements over the rounds.
+    pooled: dict[tuple[int, int], dict] = {}
+    for round_ in range(s["rounds"]):
+        for e, (world, per_rank, one_tower) in enumerate(entries):
+            profile = args.profile if round_ == 0 else ""
+            spec = Job(**job, one_tower=one_tower, profile_dir=profile)
+            for c, r in enumerate(benchkit.run_ranks(rank_main, world, (spec,), per_rank)):
+                row = pooled.setdefault((e, c), {**r, "step_s": {"real": []}})
+                row["step_s"]["real"] += r["step_s"]["real"]
+    # The peak at the start and at the end, the better of each: a busy moment understates it.
+    second = measure_peaks()
+    peaks = {p: max(first[p], second[p], key=lambda x: x["flop_s"]) for p in first}
+    rows = []
+    for (e, _), r in sorted(pooled.items()):
+        world, per_rank, one_tower = entries[e]
+        if one_tower:
+            rows += project(s, r, peaks)
+            continue
+        devices = world if s["device"] == "cuda" else 1
+        rows.append(_row(s, r, r["step_s"]["real"], peaks, devices, label(world), per_rank))
+    result = {
+        "command": s["command"],
+        "settings": {
+            **{
+                k: s[k]
+                for k in ("device", "layouts", "threads", "warmup", "steps", "repeats", "rounds")
+            },
+            "model": dataclasses.asdict(s["cfg"]),
+            "tiny": args.tiny,
+            "flops_per_image": flops_per_image(s["cfg"], s["command"]),
+        },
+        "peaks": peaks,
+        "rows": rows,
+        "checks": target_checks(rows) if s["device"] == "cpu" else [],
+        "notes": notes,
+        "context": ctx,
+    }
+    print_rows(result)
+    benchkit.write_json(args.out or f"runs/bench/{s['command']}.json", result)
+    return result
+
+
+def label(world: int) -> str:
+    if world == 1:
+        return "1 process (2 towers)"
+    if world == 2:
+        return "2 ranks (1 tower each)"
+    return f"{world} ranks ({world // 2} replicas x 2 towers)"
+
+
+def _row(
+    s: dict,
+    r: dict,
+    step_s: list[float],
+    peaks: dict,
+    devices: int,
+    name: str,
+    per_rank: int,
+    **extra,
+) -> dict:
+    case = r["case"]
+    step = benchkit.spread(step_s)
+    images_s = case.batch / step["median"]
+    flop_s = flops_per_image(s["cfg"], s["command"]) * images_s
+    return {
+        "layout": name,
+        "device": s["device"],
+        "world_size": r["world_size"],
+        "threads_per_rank": per_rank,
+        "batch": case.batch,
+        "precision": case.precision,
+        "channels_last": case.channels_last,
+        "compile": case.compile,
+        "step_s": step,
+        "images_per_s": images_s,
+        "images_per_s_range": [case.batch / step["max"], case.batch / step["min"]],
+        "flop_s": flop_s,
+        "mfu": flop_s / (peaks[case.precision]["flop_s"] * devices),
+        "mfu_devices": devices,
+        "profile": r.get("profile"),
+        **extra,
+    }
+
+
+def project(s: dict, r: dict, peaks: dict) -> list[dict]:
+    """Projected two-device rows: one tower timed here + modelled exchanges per assumed link."""
+    case, tower = r["case"], r["step_s"]["real"]
+    volume = exchange_volume(s["cfg"], dtype_bytes(case.precision))
+    rows = []
+    for link in s["links"]:
+        extra = modelled_seconds(volume, case.batch, link, backward=s["command"] == "train")
+        name = f"PROJECTION 2 devices: 1 tower timed + {link.name}, {link.latency_us:g} us"
+        projection = {
+            "one_tower_step_s": benchkit.spread(tower),
+            "modelled_exchange_s": extra,
+            "link": vars(link),
+        }
+        step_s = [t + extra for t in tower]
+        rows.append(_row(s, r, step_s, peaks, 2, name, s["threads"], projection=projection))
+    return rows
+
+
+def target_checks(rows: list[dict]) -> list[dict]:
+    """CPU target: 2-rank step time / 1-process step time at the same total threads <= 1.15."""
+    checks = []
+    for two in (r for r in rows if r["world_size"] == 2 and "projection" not in r):
+        for one in rows:
+            same = all(one[k] == two[k] for k in ("batch", "precision", "channels_last", "compile"))
+            if one["world_size"] == 1 and "projection" not in one and same:
+                ratio = two["step_s"]["median"] / one["step_s"]["median"]
+                checks.append(
+                    {
+                        "batch": two["batch"],
+                        "precision": two["precision"],
+                        "channels_last": two["channels_last"],
+                        "compile": two["compile"],
+                        "threads_total": {
+                            "1 process": one["threads_per_rank"],
+                            "2 ranks": 2 * two["threads_per_rank"],
+                        },
+                        "ratio_2_ranks_to_1_process": ratio,
+                        "target": 1.15,
+                        "met": ratio <= 1.15,
+                    }
+                )
+    return checks
+
+
+def print_rows(result: dict) -> None:
+    header = [
+        "layout",
+        "thr/rank",
+        "batch",
+        "prec",
+        "ch_last",
+        "compile",
+        "step ms (median)",
+        "min-max ms",
+        "images/s",
+        "GFLOP/s",
+        "MFU",
+    ]
+    table = []
+    for r in result["rows"]:
+        st = r["step_s"]
+        table.append(
+            [
+                r["layout"],
+                r["threads_per_rank"],
+                r["batch"],
+                r["precision"],
+                "on" if r["channels_last"] else "off",
+                "on" if r["compile"] else "off",
+                f"{st['median'] * 1e3:.1f}",
+                f"{st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['flop_s'] / 1e9:.1f}",
+                f"{100 * r['mfu']:.1f}%",
+            ]
+        )
+    benchkit.print_table(header, table)
+    for p in result["peaks"].values():
+        print(
+            f"peak: {p['dtype']} matmul {p['size']}^2 = {p['flop_s'] / 1e9:.1f} GFLOP/s "
+            f"(threads {p['threads']}) per device"
+        )
+    for c in result["checks"]:
+        verdict = "met" if c["met"] else "NOT met"
+        switches = f"channels_last {'on' if c['channels_last'] else 'off'}, compile " + (
+            "on" if c["compile"] else "off"
+        )
+        print(
+            f"CPU target, batch {c['batch']} {c['precision']}, {switches}: 2 ranks / 1 process "
+            f"step time = {c['ratio_2_ranks_to_1_process']:.3f}x (target <= 1.15x: {verdict}), "
+            f"threads {c['threads_total']}"
+        )
+    for n in result["notes"]:
+        print(f"note: {n}")
+    for r in result["rows"]:
+        if r.get("profile") and "projection" not in r:
+            print(
+                f"\nprofile, {r['layout']}, batch {r['batch']} {r['precision']} (rank 0; "
+                f"trace {r['profile']['trace']}):\n{r['profile']['table']}"
+            )

@@ -1,0 +1,117 @@
+"""LRN, contrast norm and dropout against the paper's formulas, written out directly here.
+
+Proves: §3.3's LRN with both alpha semantics (per_window = the original code and PyTorch;
+per_sum = the printed formula) including the channels at a tower's edge, where the window is
+truncated and never reaches into the other tower; cnorm2 equals its cuda-convnet formula;
+dropout keeps about half and scales the survivors by 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from repro.config import ModelConfig
+from repro.net.layers import ContrastNorm, response_norm, tower_dropout
+from repro.net.model import AlexNet
+
+
+def lrn_formula(a: torch.Tensor, alpha_on_sum: float) -> torch.Tensor:
+    """b_i = a_i / (k + alpha_on_sum * sum_{j=max(0,i-2)}^{min(C-1,i+2)} a_j^2)^beta, §3.3."""
+    k, beta, n = 2.0, 0.75, 5
+    out = torch.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        s = (a[:, lo : hi + 1] ** 2).sum(dim=1)
+        out[:, i] = a[:, i] / (k + alpha_on_sum * s) ** beta
+    return out
+
+
+@pytest.mark.parametrize("semantics, alpha_on_sum", [("per_window", 1e-4 / 5), ("per_sum", 1e-4)])
+def test_lrn_matches_formula(semantics, alpha_on_sum):
+    torch.manual_seed(0)
+    # Large activations so the alpha term is comparable to k and a wrong alpha shows.
+    a = torch.rand(2, 48, 5, 5, dtype=torch.float64) * 200
+    lrn = response_norm(ModelConfig(lrn_alpha=semantics))
+    got = lrn(a)
+    torch.testing.assert_close(got, lrn_formula(a, alpha_on_sum), rtol=1e-12, atol=1e-12)
+    other = 1e-4 if semantics == "per_window" else 1e-4 / 5
+    assert not torch.allclose(got, lrn_formula(a, other), rtol=1e-3)
+
+
+def test_lrn_acts_within_a_tower():
+    """Channels 46-47 of tower 0 and 0-1 of tower 1 are normalized by their own tower only."""
+    cfg = ModelConfig(num_classes=10)
+    model = AlexNet(cfg).eval()
+    x = torch.randn(1, 3, 224, 224) * 50
+    relu = [
+        torch.relu(model.towers[t].conv1(torch.nn.functional.pad(x, (0, 3, 0, 3)))) for t in "01"
+    ]
+    normed = [model.towers[t].norm1(r) for t, r in zip("01", relu)]
+    for r, nrm in zip(relu, normed):
+        torch.testing.assert_close(
+            nrm, lrn_formula(r.double(), 1e-4 / 5).float(), rtol=1e-5, atol=1e-6
+        )
+    # One LRN over all 96 channels (the common one-device simplification) differs at the seam.
+    joint = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(torch.cat(relu, 1))
+    seam = torch.cat(normed, 1)[:, 46:50]
+    assert (joint[:, 46:50] - seam).abs().max() > 1e-4
+
+
+def test_lrn_off():
+    assert isinstance(response_norm(ModelConfig(lrn=False)), torch.nn.Identity)
+
+
+def test_contrast_norm_formula():
+    torch.manual_seed(1)
+    a = torch.rand(1, 2, 7, 6, dtype=torch.float64) * 30
+    got = ContrastNorm()(a)
+    expected = torch.empty_like(a)
+    for y in range(7):
+        for x in range(6):
+            win = a[:, :, max(0, y - 2) : y + 3, max(0, x - 2) : x + 3]
+            mean = win.mean(dim=(2, 3))
+            spread = ((win - mean[:, :, None, None]) ** 2).sum(dim=(2, 3))
+            expected[:, :, y, x] = a[:, :, y, x] / (1 + 0.001 / 25 * spread) ** 0.75
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_dropout_rate_and_scale():
+    h = torch.ones(256, 512)
+    out = tower_dropout(h, 0.5, seed=123, replica=0, replicas=1)
+    kept = (out != 0).float().mean().item()
+    assert 0.48 < kept < 0.52
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+
+
+def test_dropout_replica_rows_are_slices_of_the_global_mask():
+    """Replica r of R draws rows [r*b, (r+1)*b) of the mask one process draws for R*b rows."""
+    whole = tower_dropout(torch.ones(8, 16), 0.5, seed=7, replica=0, replicas=1)
+    parts = [tower_dropout(torch.ones(4, 16), 0.5, seed=7, replica=r, replicas=2) for r in (0, 1)]
+    assert torch.equal(whole, torch.cat(parts))
+
+
+def test_dropout_masks_differ_between_steps_and_towers():
+    cfg = dataclasses.replace(
+        ModelConfig(), num_classes=4, widths=(4, 4, 4, 4, 4), fc_width=64, image_size=67
+    )
+    model = AlexNet(cfg).train()
+    masks = []
+
+    def capture(module, inputs, output):
+        masks.append(inputs[0].detach().clone())
+
+    model.towers["0"].fc7.register_forward_hook(capture)
+    model.towers["1"].fc7.register_forward_hook(capture)
+    x = torch.randn(4, 3, 67, 67)
+    model(x)
+    model(x)
+    # fc7's input is both towers' fc6 output after dropout: its zeros are dropped neurons
+    # (or ReLU zeros, which repeat for the same input). Hooks ran tower 0, tower 1, tower 0, ...
+    zeros = [(m == 0) for m in masks]
+    assert not torch.equal(zeros[0], zeros[2])  # the next step draws a new mask
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))

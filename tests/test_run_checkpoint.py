@@ -1,0 +1,203 @@
+"""Checkpoints: a round trip restores tensors, optimizer and random state; a write killed
+half-way leaves the previous file loadable; every unusable file is a one-line CheckpointError;
+`latest` and retention pick files by the step in their names."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repro.config import Config, config_to_dict
+from repro.run.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    best_path,
+    checkpoint_path,
+    last_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_state(step: int = 10, fill: float = 1.0) -> dict:
+    model = torch.nn.Linear(4, 3)
+    torch.nn.init.constant_(model.weight, fill)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()  # momentum buffers exist now
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=1)
+    sched.step(0.5)
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "lr_scheduler": sched.state_dict(),
+        "epoch": 2,
+        "step": step,
+        "config": config_to_dict(Config()),
+        "class_names": ["a", "b", "c"],
+        "best_error": 41.5,
+        "rng": rng_state(),
+        "metrics": {"train/loss": 2.5},
+    }
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    state = make_state()
+    path = save_checkpoint(checkpoint_path(tmp_path, 2, 10), state)
+    assert path.name == "epoch0002_step000010.pt"
+    back = load_checkpoint(path)
+    assert back["format_version"] == FORMAT_VERSION
+    assert torch.equal(back["model"]["weight"], state["model"]["weight"])
+    buf = back["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(buf, state["optimizer"]["state"][0]["momentum_buffer"])
+    assert back["lr_scheduler"]["best"] == 0.5 and back["config"] == state["config"]
+    assert (back["epoch"], back["step"], back["best_error"]) == (2, 10, 41.5)
+    assert back["class_names"] == ["a", "b", "c"]
+    assert not list(tmp_path.rglob(".*tmp*")), "no temporary file is left behind"
+
+
+def test_rng_state_restores_every_generator(tmp_path: Path) -> None:
+    random.gauss(0, 1)  # python's cached second gaussian is part of the state
+    saved = load_checkpoint(save_checkpoint(tmp_path / "c.pt", make_state()))["rng"]
+    # make_state drew from torch after capturing the state; restore and draw again
+    set_rng_state(saved)
+    first = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand())
+    set_rng_state(saved)
+    again = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_missing_required_key_is_refused_on_save(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="step"):
+        save_checkpoint(tmp_path / "c.pt", {"model": {}, "epoch": 0, "config": {}})
+
+
+def test_failure_mid_write_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    first = make_state(step=1, fill=1.0)
+    path = save_checkpoint(tmp_path / "c.pt", first)
+    real_save = torch.save
+
+    def half_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half the bytes are on disk ...
+        raise OSError(28, "No space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, make_state(step=2, fill=2.0))
+    monkeypatch.undo()
+    old = load_checkpoint(path)
+    assert old["step"] == 1 and torch.equal(old["model"]["weight"], first["model"]["weight"])
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_sigkill_mid_write_keeps_the_old_file(tmp_path: Path) -> None:
+    """A real process, SIGKILLed after writing the new bytes but before the rename."""
+    path = save_checkpoint(tmp_path / "c.pt", make_state(step=1, fill=1.0))
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time, torch
+        from repro.run.checkpoint import save_checkpoint
+        def stall(fd):  # the bytes are written; stall where a slow disk would
+            print("writing", flush=True)
+            time.sleep(60)
+        os.fsync = stall
+        state = {{"model": {{"w": torch.zeros(4_000_000)}}, "epoch": 9, "step": 9, "config": {{}}}}
+        save_checkpoint({str(path)!r}, state)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(path)["step"] == 1
+    assert latest_checkpoint(tmp_path) is None  # the stray temporary file is not a checkpoint
+
+
+def one_line_error(path: Path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_unusable_files_give_one_line_errors(tmp_path: Path) -> None:
+    good = save_checkpoint(tmp_path / "good.pt", make_state())
+    data = good.read_bytes()
+
+    assert "no such checkpoint" in one_line_error(tmp_path / "missing.pt")
+    assert "not a file" in one_line_error(tmp_path)
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in one_line_error(tmp_path / "trunc.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "empty" in one_line_error(tmp_path / "empty.pt")
+    (tmp_path / "notes.pt").write_text("epoch 3 was good\n")
+    assert "not a torch checkpoint" in one_line_error(tmp_path / "notes.pt")
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, tmp_path / "foreign.pt")
+    message = one_line_error(tmp_path / "foreign.pt")
+    assert "without the repro checkpoint key(s)" in message and "state_dict" in message
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    assert "holding Tensor" in one_line_error(tmp_path / "tensor.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled object, not data
+    assert "objects other than tensors" in one_line_error(tmp_path / "module.pt")
+
+    save_checkpoint(tmp_path / "future.pt", {**make_state(), "format_version": FORMAT_VERSION + 1})
+    assert "newer" in one_line_error(tmp_path / "future.pt")
+
+
+def touch(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_latest_checkpoint_orders_by_step_number(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    # The step outgrows its zero padding: a string sort would pick step 999999.
+    touch(checkpoint_path(tmp_path, 1, 999_999), 3000)
+    newest = touch(checkpoint_path(tmp_path, 2, 1_000_500), 1000)
+    touch(checkpoint_path(tmp_path, 0, 500), 5000)
+    touch(best_path(tmp_path), 9000)  # best is never "latest"
+    touch(tmp_path / "checkpoints" / ".epoch0003_step2000000.pt.tmp-123", 9000)
+    assert newest.name == "epoch0002_step1000500.pt"
+    assert latest_checkpoint(tmp_path) == newest
+
+    last = touch(last_path(tmp_path), 500)  # an old stop request: the step file is newer
+    assert latest_checkpoint(tmp_path) == newest
+    os.utime(last, (2000, 2000))  # a stop request after the newest epoch checkpoint
+    assert latest_checkpoint(tmp_path) == last
+
+
+def test_retention_keeps_the_newest_and_best(tmp_path: Path) -> None:
+    paths = [touch(checkpoint_path(tmp_path, e, e * 100), 1000 + e) for e in range(1, 6)]
+    best, last = touch(best_path(tmp_path), 1), touch(last_path(tmp_path), 1)
+    assert prune_checkpoints(tmp_path, keep=0) == []
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert removed == paths[:3]
+    assert sorted((tmp_path / "checkpoints").iterdir()) == sorted([*paths[3:], best, last])
+    assert prune_checkpoints(tmp_path, keep=2) == []

@@ -89,6 +89,9 @@ class DataConfig:
     """Images per epoch of the synthetic source (ImageNet's training-set size)."""
     val_fraction: float = 0.2
     """For source 'digits': the fraction of each class written to val/."""
+    max_pixels: int = 100_000_000
+    """Images with more pixels (width x height, from the header) are skipped with their name:
+    a guard against decompression bombs; 10,000 x 10,000 by default."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.threads", lambda v: v >= 1, ">= 1"),
     ("data.synthetic_images", lambda v: v >= 1, ">= 1"),
     ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("data.max_pixels", lambda v: v >= 1, ">= 1"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repro.data import imagecheck
+from repro.data import check, imagecheck
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,26 +48,26 @@ def folder(tmp_path) -> tuple[Path, dict[str, Path]]:
 
 def test_find_bad_images_names_each_and_writes_the_list(folder):
     root, bad = folder
-    found = dict(imagecheck.find_bad_images(root, progress=False))
+    found = dict(check.find_bad_images(root, progress=False))
     assert set(found) == {str(p) for p in bad.values()}
     assert "empty" in found[str(bad["empty"])]
-    assert "not a JPEG or PNG" in found[str(bad["text"])]
+    assert "not an image DALI decodes" in found[str(bad["text"])]
     assert "truncated" in found[str(bad["truncated"])]
-    assert "does not decode" in found[str(bad["garbage"])]
+    assert "unreadable header" in found[str(bad["garbage"])]  # PIL finds no frame header
     listing = (root / imagecheck.BAD_FILES_NAME).read_text()
-    assert "train/a/truncated.jpg\t" in listing and str(root) + "/val" not in listing
+    assert '["train/a/truncated.jpg", ' in listing and str(root) + "/val" not in listing
     assert imagecheck.read_bad_files(root) == found
     # A list of paths is checked the same way and writes nothing.
     (root / imagecheck.BAD_FILES_NAME).unlink()
     some = [str(bad["text"]), str(root / "train" / "a" / "good1.png")]
-    assert [p for p, _ in imagecheck.find_bad_images(some, progress=False)] == [some[0]]
+    assert [p for p, _ in check.find_bad_images(some, progress=False)] == [some[0]]
     assert not (root / imagecheck.BAD_FILES_NAME).exists()
 
 
 def test_quick_check_catches_the_cheap_cases(folder):
     root, bad = folder
     assert imagecheck.quick_check(str(bad["empty"])) == "empty file"
-    assert imagecheck.quick_check(str(bad["text"])).startswith("not a JPEG or PNG")
+    assert imagecheck.quick_check(str(bad["text"])).startswith("not an image DALI decodes")
     assert imagecheck.quick_check(str(bad["truncated"])).startswith("truncated JPEG")
     assert imagecheck.quick_check(str(bad["garbage"])) is None  # needs a full decode
     for good in sorted((root / "train" / "a").glob("good*")):
@@ -79,10 +79,12 @@ def test_screen_uses_the_listed_files_and_the_quick_check(folder):
     paths = imagecheck.list_image_files(root)
     assert len(paths) == 7 and not any(p.endswith(".txt") for p in paths)
     quick = dict(imagecheck.screen(paths, root))
-    assert set(quick) == {str(bad[k]) for k in ("truncated", "text", "empty")}
-    imagecheck.write_bad_files(root, [(str(bad["garbage"]), "corrupt")])
+    # The header read (PIL) also finds the garbage between JPEG markers.
+    assert set(quick) == {str(bad[k]) for k in ("truncated", "text", "empty", "garbage")}
+    good = str(root / "train" / "a" / "good1.png")
+    imagecheck.write_bad_files(root, [(good, "corrupt")])
     listed = dict(imagecheck.screen(paths, root))
-    assert listed[str(bad["garbage"])] == "corrupt" and len(listed) == 4
+    assert listed[good] == "corrupt" and len(listed) == 5
 
 
 def test_warning_names_files_and_summarises_many():
@@ -100,8 +102,8 @@ def test_warning_names_files_and_summarises_many():
 
 def test_command_line(folder, capsys):
     root, bad = folder
-    imagecheck.main([str(root)])
+    check.main([str(root)])
     out = capsys.readouterr().out
     assert "4 bad file(s)" in out and str(bad["text"]) in out
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        imagecheck.find_bad_images(root / "missing")
+        check.find_bad_images(root / "missing")

@@ -467,7 +467,7 @@ def test_check_and_stats_delegate(tmp_path, monkeypatch, capsys):
     launch = load_launch()
     seen = {}
 
-    def find_bad_images(root, progress):
+    def find_bad_images(root, progress, **settings):
         seen["check"] = root
         return [(str(root / "a.jpg"), "truncated")]
 
@@ -475,11 +475,11 @@ def test_check_and_stats_delegate(tmp_path, monkeypatch, capsys):
         seen["stats"] = kwargs
         return {"mean": np.zeros((3, 4, 4)), "images": 12}
 
-    check = types.ModuleType("repro.data.imagecheck")
+    check = types.ModuleType("repro.data.check")
     check.find_bad_images = find_bad_images
     stats = types.ModuleType("repro.data.stats")
     stats.compute_stats = compute_stats
-    monkeypatch.setitem(sys.modules, "repro.data.imagecheck", check)
+    monkeypatch.setitem(sys.modules, "repro.data.check", check)
     monkeypatch.setitem(sys.modules, "repro.data.stats", stats)
 
     assert launch.main(["check", str(tmp_path)]) == 1
@@ -488,5 +488,5 @@ def test_check_and_stats_delegate(tmp_path, monkeypatch, capsys):
     assert seen["stats"] == {"out": None, "sample": 5, "resize": 64, "seed": 0}
     out = capsys.readouterr().out
     assert "mean: array (3, 4, 4)" in out and "images: 12" in out
-    check.find_bad_images = lambda root, progress: []
+    check.find_bad_images = lambda root, progress, **settings: []
     assert launch.main(["check", str(tmp_path)]) == 0

@@ -32,8 +32,8 @@ from torchvision.transforms import functional as tvf
 from tqdm import tqdm
 
 from repro.config import DataConfig
+from repro.data import augment
 from repro.data import loaders as data
-from repro.data import pipelines
 from repro.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN
 from repro.net.dist import single_process_layout
 
@@ -65,7 +65,7 @@ class AugmentedFiles(torch.utils.data.Dataset):
         self.paths, self.labels, self.resize, self.crop = paths, labels, resize, crop
         self.mean = torch.from_numpy(np.broadcast_to(IMAGENET_MEAN, (resize, resize, 3)).copy())
         self.mean = self.mean.float().permute(2, 0, 1)
-        self.basis = pipelines.lighting_basis(IMAGENET_EIGVAL, IMAGENET_EIGVEC)
+        self.basis = augment.lighting_basis(IMAGENET_EIGVAL, IMAGENET_EIGVEC)
         self.sigma, self.seed = sigma, seed
 
     def __len__(self) -> int:

@@ -44,7 +44,7 @@ def _converter(which: str):
 
 def _check(a: argparse.Namespace) -> int:
     root = prepare.require_dir(Path(a.root), "image folder")
-    from repro.data.imagecheck import find_bad_images  # here: the other commands work without it
+    from repro.data.check import find_bad_images  # here: the other commands work without it
 
     bad = find_bad_images(root, progress=True)
     for path, reason in bad:

@@ -1,52 +1,87 @@
 """Finding image files that would crash the loader mid-epoch or feed it garbage.
 
+One list of file name endings, `IMAGE_EXTENSIONS`: every format DALI decodes (JPEG, PNG, BMP,
+TIFF, WebP, JPEG 2000, PNM), any case. The split command, `check`, the loaders and the store
+all use it; a file with another ending (a GIF: DALI cannot decode it) is skipped and counted
+in the one warning a scan gives. Hidden files and folders (".name") are ignored everywhere.
+
 Two checks, one cheap and one thorough:
 
-- `quick_check(path)`: reads the first and last bytes of a file. It catches empty files,
-  files that are not JPEG or PNG at all (a text file named .jpg, an HTML error page saved
-  by a downloader) and most truncated downloads (no end-of-image marker near the end).
-  The loaders run it on every file when they are built, in a thread pool (it is I/O bound).
-- `find_bad_images(root_or_paths)`: fully decodes every file with PIL, which also catches
-  corrupt data inside a well-formed file. Given a data set root it writes what it found to
-  `<root>/bad_files.txt` ("relative/path<TAB>reason" per line); the loaders skip the files
-  listed there, with a warning naming each.
+- `inspect(path, max_pixels)`: reads the file's first and last bytes and its header. It
+  catches empty files, files that are not images at all (a text file named .jpg, an HTML
+  error page saved by a downloader), most truncated downloads (no end marker), and images
+  over the pixel limit (decompression bombs); it returns the image's (height, width). The
+  start-up index (repro/data/index.py) runs it on every file once and caches the result.
+- `repro.data.check.find_bad_images(root_or_paths)`: also decodes every file with DALI, the
+  decoder training uses, and names any file DALI fails on or decodes with a corrupt-data
+  warning. Given a data set root it writes what it found to `<root>/bad_files.txt`; the
+  loaders skip the files listed there.
 
-Run it once on a new data set: `python -m repro.data.imagecheck /data/imagenet`.
+`bad_files.txt` holds one JSON array per line, ["path relative to root", "reason"], so any
+file name (a tab or a newline in it) survives; the older "path<TAB>reason" lines still read.
+Run it once on a new data set: `python launch/prepare_data.py check /data/imagenet`.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-"""File name endings (any case) the loaders read as images; other files are ignored."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS += (".jp2", ".j2k", ".pnm", ".ppm", ".pgm", ".pbm")
+"""File name endings (any case) read as images: the formats DALI decodes; others are skipped."""
 BAD_FILES_NAME = "bad_files.txt"
+MAX_PIXELS = 100_000_000
+"""Default pixel limit (data.max_pixels): a 10,000 x 10,000 image; larger ones are skipped."""
 
-_JPEG_START = b"\xff\xd8\xff"
-_JPEG_END = b"\xff\xd9"
-_PNG_START = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND"
+# (magic bytes at offset 0, format name); RIFF....WEBP is checked apart.
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+)
+_ENDS = {"JPEG": (b"\xff\xd9", "no end-of-image marker"), "PNG": (b"IEND", "no IEND chunk")}
 # Some writers pad a file after its end marker; look for the marker in this many last bytes.
 _TAIL = 1024
 _WARN_LIST = 20
 
 
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def category(reason: str) -> str:
+    """The kind of a reason, for counts: 'truncated JPEG (no ...)' -> 'truncated JPEG'."""
+    return reason.split(":")[0].split(" (")[0]
+
+
+def _format(head: bytes) -> str | None:
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if len(head) > 1 and head[:1] == b"P" and head[1:2] in b"123456":
+        return "PNM"
+    return None
 
 
 def quick_check(path: str) -> str | None:
-    """None if the file looks like a whole JPEG or PNG, else the reason it does not."""
+    """None if the file starts like an image DALI decodes (and a JPEG or PNG ends like one)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(16)
             if not head:
                 return "empty file"
             f.seek(0, os.SEEK_END)
@@ -55,11 +90,54 @@ def quick_check(path: str) -> str | None:
             tail = f.read(_TAIL)
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
-    if head.startswith(_JPEG_START):
-        return None if _JPEG_END in tail else "truncated JPEG (no end-of-image marker)"
-    if head.startswith(_PNG_START):
-        return None if _PNG_END in tail else "truncated PNG (no IEND chunk)"
-    return f"not a JPEG or PNG (starts with {head[:4]!r})"
+    kind = _format(head)
+    if kind is None:
+        what = "GIF, which DALI cannot decode" if head.startswith(b"GIF8") else f"{head[:4]!r}"
+        return f"not an image DALI decodes (starts like {what})"
+    marker, missing = _ENDS.get(kind, (b"", ""))
+    return None if marker in tail else f"truncated {kind} ({missing})"
+
+
+def inspect(path: str, max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple[int, int]]:
+    """(None or the reason to skip the file, (height, width) from its header or (0, 0))."""
+    from PIL import Image
+
+    reason = quick_check(path)
+    if reason is not None:
+        return reason, (0, 0)
+    _quiet_pil_bomb_warning()
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        return f"over the pixel limit: {e}", (0, 0)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+        return f"unreadable header: {type(e).__name__}: {e}", (0, 0)
+    if w * h > max_pixels:
+        return (
+            f"over the pixel limit: {w}x{h} = {w * h:,} pixels > data.max_pixels {max_pixels:,}",
+            (
+                h,
+                w,
+            ),
+        )
+    return None, (h, w)
+
+
+_QUIET = []
+
+
+def _quiet_pil_bomb_warning() -> None:
+    """Ignore PIL's DecompressionBombWarning (the pixel limit is judged here), once per process.
+
+    Not `warnings.catch_warnings()` around each open: it is not thread-safe, and screening
+    runs in a thread pool.
+    """
+    from PIL import Image
+
+    if not _QUIET:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _QUIET.append(True)
 
 
 def full_check(path: str) -> str | None:
@@ -77,59 +155,38 @@ def full_check(path: str) -> str | None:
     return None
 
 
-def _check_all(
-    paths: Sequence[str], check, progress: bool, desc: str, threads: int = 16
-) -> list[tuple[str, str]]:
-    bad = []
+def map_threads(fn: Callable, items: Sequence, progress: bool, desc: str, threads: int = 16):
+    """fn over items in a thread pool (the checks wait on I/O), in order, with a progress bar."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        reasons = pool.map(check, paths, chunksize=64)
-        for path, reason in tqdm(
-            zip(paths, reasons), total=len(paths), desc=desc, disable=not progress, unit="file"
-        ):
-            if reason is not None:
-                bad.append((path, reason))
-    return bad
+        results = pool.map(fn, items, chunksize=64)
+        yield from tqdm(results, total=len(items), desc=desc, disable=not progress, unit="file")
 
 
 def list_image_files(root: str | Path) -> list[str]:
-    """Every file under root whose name ends in a known image extension, sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        found.extend(os.path.join(folder, f) for f in sorted(files) if is_image_name(f))
-    return found
+    """Every image file under root (recursively, hidden entries ignored), sorted."""
+    return walk(root)[0]
 
 
-def find_bad_images(
-    paths_or_root: str | Path | Iterable[str], progress: bool = True
-) -> list[tuple[str, str]]:
-    """Fully decode each image and return [(path, reason)] for those that fail.
-
-    Given a folder, every .jpg/.jpeg/.png under it is checked and the list is written to
-    `<folder>/bad_files.txt` (an empty file when all are good), which the loaders read.
-    """
-    root = None
-    if isinstance(paths_or_root, (str, Path)):
-        root = Path(paths_or_root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"find_bad_images: {root} is not a folder")
-        paths = list_image_files(root)
-    else:
-        paths = [str(p) for p in paths_or_root]
-    bad = _check_all(paths, full_check, progress, desc="decoding images", threads=8)
-    if root is not None:
-        write_bad_files(root, bad)
-    return bad
+def walk(root: str | Path) -> tuple[list[str], Counter]:
+    """(image files under root, sorted; Counter of the other files' endings). Recursive and
+    following links, as torchvision's ImageFolder; hidden files and folders are ignored."""
+    found, others = [], Counter()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if is_image_name(name):
+                found.append(os.path.join(folder, name))
+            elif not name.startswith("."):
+                others[os.path.splitext(name)[1].lower() or "(no ending)"] += 1
+    return found, others
 
 
 def write_bad_files(root: str | Path, bad: Sequence[tuple[str, str]]) -> Path:
     out = Path(root) / BAD_FILES_NAME
-    lines = [f"# files the loaders skip: path relative to {Path(root).resolve()}<TAB>reason\n"]
-    for path, reason in bad:
-        rel = os.path.relpath(path, root)
-        lines.append(f"{rel}\t{reason}\n")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(lines))
+    lines = [f"# files the loaders skip: [path relative to {Path(root).resolve()}, reason]\n"]
+    lines += [json.dumps([os.path.relpath(p, root), r], ensure_ascii=False) + "\n" for p, r in bad]
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
     tmp.replace(out)  # atomic: a reader never sees half a list
     return out
 
@@ -140,55 +197,48 @@ def read_bad_files(root: str | Path) -> dict[str, str]:
     if not listing.is_file():
         return {}
     bad = {}
-    for line in listing.read_text().splitlines():
+    for line in listing.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        rel, _, reason = line.partition("\t")
+        try:
+            rel, reason = json.loads(line)
+        except ValueError:  # the older "path<TAB>reason" format
+            rel, _, reason = line.partition("\t")
         bad[os.path.normpath(os.path.join(root, rel))] = reason or f"listed in {listing}"
     return bad
 
 
-def screen(paths: Sequence[str], root: str | Path, progress: bool = False) -> list[tuple[str, str]]:
-    """The files among `paths` a loader must skip: listed in bad_files.txt or failing quick_check."""
-    listed = read_bad_files(root)
-    skipped = []
-    unlisted = []
-    for p in paths:
-        reason = listed.get(os.path.normpath(p))
-        if reason is None:
-            unlisted.append(p)
-        else:
-            skipped.append((p, reason))
-    skipped += _check_all(unlisted, quick_check, progress, desc="checking image headers")
-    return skipped
-
-
-def warn_skipped(skipped: Sequence[tuple[str, str]], where: str) -> None:
-    """One warning naming every skipped file (the first 20 and a count beyond that)."""
-    if not skipped:
+def warn_skipped(skipped: Sequence[tuple[str, str]], where: str, others: Counter | None = None):
+    """One warning: a line counting what was skipped by reason, then the bad images by name
+    (the first 20); files of other types are only counted, by ending."""
+    others = others or Counter()
+    if not skipped and not others:
         return
-    shown = [f"  {p}: {r}" for p, r in skipped[:_WARN_LIST]]
-    more = len(skipped) - len(shown)
-    if more:
-        shown.append(f"  ... and {more} more")
-    warnings.warn(
-        f"skipping {len(skipped)} unreadable image file(s) in {where}:\n"
-        + "\n".join(shown)
-        + "\n(run `python -m repro.data.imagecheck ROOT` to fully decode every file and list the bad"
-        " ones in ROOT/bad_files.txt)",
-        stacklevel=3,
+    kinds = Counter(category(r) for _, r in skipped)
+    counts = ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+    types = ", ".join(f"{k} {n}" for k, n in sorted(others.items()))
+    head = f"skipping {len(skipped)} unreadable image file(s)" if skipped else "skipping"
+    head += f" and {sum(others.values())} file(s) of other types" * bool(others)
+    head += f" in {where}: " + "; ".join(
+        x for x in (counts, f"not images DALI decodes: {types}" if types else "") if x
     )
+    shown = [f"  {p}: {r}" for p, r in skipped[:_WARN_LIST]]
+    if len(skipped) > _WARN_LIST:
+        shown.append(f"  ... and {len(skipped) - _WARN_LIST} more")
+    hint = "(`python launch/prepare_data.py check ROOT` decodes every file and lists the bad ones)"
+    warnings.warn("\n".join([head, *shown, hint] if skipped else [head]), stacklevel=3)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="data set folder; the list goes to ROOT/bad_files.txt")
-    args = parser.parse_args(argv)
-    bad = find_bad_images(args.root)
-    for path, reason in bad:
-        print(f"{path}\t{reason}")
-    print(f"{len(bad)} bad file(s); list written to {Path(args.root) / BAD_FILES_NAME}")
-
-
-if __name__ == "__main__":
-    main()
+def screen(
+    paths: Sequence[str], root: str | Path, progress: bool = False, max_pixels: int = MAX_PIXELS
+) -> list[tuple[str, str]]:
+    """The files among `paths` a loader must skip: listed in bad_files.txt or failing `inspect`."""
+    listed = read_bad_files(root)
+    unlisted = [p for p in paths if os.path.normpath(p) not in listed]
+    found = map_threads(lambda p: inspect(p, max_pixels)[0], unlisted, progress, "reading headers")
+    reasons = dict(zip(unlisted, found))
+    return [
+        (p, listed.get(os.path.normpath(p)) or reasons[p])
+        for p in paths
+        if os.path.normpath(p) in listed or reasons[p] is not None
+    ]

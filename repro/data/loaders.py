@@ -1,30 +1,20 @@
-"""Batches for training and evaluation: data set layouts, sharding, the towers' shared batch.
+"""Batches for training and evaluation: sharding, the towers' shared batch, normalisation.
 
-Layouts (`DataConfig.source`):
-- 'folders' / 'digits': root/train/<class>/*.{jpg,jpeg,png} and root/val/<class>/*; class
-  order is the sorted folder names (`class_names`). 'digits' first writes scikit-learn's
-  digits there when root/train is missing (repro.data.convert.write_digits).
-- 'imagenet': root/train/<class>/* and, when `val_labels` is set, ImageNet's flat root/val/*
-  with a label file in one of two formats:
-    one integer per line, for the images in sorted file-name order, 1-based. The official
-    ILSVRC2012_validation_ground_truth.txt holds ILSVRC2012 ids, which are not the sorted
-    wnid order: when the devkit's meta.mat lies beside the file (or in root) the ids are
-    mapped to wnids through it; without it, class folders named like wnids are an error,
-    other class folders take id i as the i-th sorted class.
-    or `file_name class_name` per line (class_name a training class folder).
-  With `val_labels` empty, root/val/<class>/* as for 'folders' (a prepared ImageNet).
-- 'synthetic': random tensors made once on the device; the same batch every step
-  (`synthetic_images // B` steps per epoch; evaluation yields 4 batches).
+Which files are read, and how their labels are found, is repro/data/sets.py; the layouts
+('folders', 'imagenet', 'digits') are described there. 'synthetic' gives random tensors made
+once on the device (repro/data/synthetic.py), without DALI.
 
 Sharding (DESIGN.md, Data). An epoch visits the training files in a permutation drawn from
 (seed, epoch). Global step s covers epoch positions [s*B, (s+1)*B), B = b * replicas;
 replica r takes [s*B + r*b, s*B + (r+1)*b). The T tower ranks of a replica each decode a
-1/T share of it and all-gather, so both towers see the identical batch; every random
-choice is a function of (seed, epoch, position), so the batch does not depend on how the
-work is split. A share may be uneven or empty (b not a multiple of T, the last
-validation batch): shares are padded to equal size for the gather and trimmed after.
-Labels are not exchanged: every rank knows the files of the whole replica batch. An epoch
-has len(train) // B steps: the last partial batch is dropped.
+1/T share of it and all-gather the uint8 patches (b x 3 x 224 x 224 bytes per step, a
+quarter of float32), so both towers see the identical batch; then every rank subtracts the
+mean image and the per-image offset itself (repro/data/augment.py), from draws it can make
+for the whole batch. Every random choice is a function of (seed, epoch, position), so the
+batch does not depend on how the work is split. A share may be uneven or empty (b not a
+multiple of T, the last validation batch): shares are padded to equal size for the gather
+and trimmed after. Labels are not exchanged: every rank knows the files of the whole replica
+batch. An epoch has len(train) // B steps: the last partial batch is dropped.
 
 Resume: `epoch(e, start_step=k)` yields exactly the batches k, k+1, ... that `epoch(e)`
 yields, with no state carried between calls, so a run restarted at (e, k) continues as the
@@ -33,171 +23,44 @@ uninterrupted one would.
 Evaluation: replicas split the validation set into disjoint contiguous shards covering
 every image once; the last partial batch is kept.
 
-Bad files: empty, non-image and truncated files (repro/data/imagecheck.py) and those listed in
-<root>/bad_files.txt are skipped at build time with a warning naming each.
+DALI (repro/data/pipelines.py) is imported only by the loaders that decode images, so the
+model, the synthetic source and the benchmarks run without it.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from repro.config import DataConfig
-from repro.data import imagecheck, pipelines
-from repro.data.folders import DataError, ImageSet, class_folders, images_in, scan_class_folders
+from repro.data import augment
+from repro.data.folders import DataError, ImageSet, class_folders, scan_class_folders
+from repro.data.sets import root_of, train_set, val_set
 from repro.data.synthetic import SyntheticLoader, finish_batch
 from repro.net.dist import Layout
 
+__all__ = ["DataError", "build_eval_loader", "build_train_loader", "scan_class_folders"]
+__all__ += ["EvalLoader", "TrainLoader", "train_set", "val_set"]
+
 SOURCES = ("folders", "imagenet", "digits", "synthetic")
-_WNID = re.compile(r"^n\d{8}$")
 
 
-def _root(cfg: DataConfig) -> Path:
-    if not cfg.root:
+def dali_pipelines():
+    """repro.data.pipelines, or one DataError saying how to install DALI."""
+    try:
+        from repro.data import pipelines
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("nvidia"):
+            raise
         raise DataError(
-            f"data.root is empty: set it to the data set folder (source {cfg.source!r})"
-        )
-    root = Path(cfg.root)
-    if cfg.source == "digits" and not (root / "train").is_dir():
-        try:  # lazy: needs scikit-learn
-            from repro.data.convert import write_digits
-        except ImportError:
-            from repro.data.prepare import write_digits
-
-        write_digits(root, val_fraction=cfg.val_fraction, seed=0)
-    if cfg.source == "digits" and not cfg.stats and not (root / "stats.npz").is_file():
-        # The demo set's own mean and PCA (§3: from the training set's pixels); 1.4k tiny
-        # images take about a second, so the demo needs no separate preparation step.
-        from repro.data.stats import compute_stats
-
-        compute_stats(root, resize=cfg.resize, progress=False)
-    if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist")
-    return root
-
-
-def _screened(root: Path, paths: list[str], labels: np.ndarray, classes: list[str], where: str):
-    skipped = imagecheck.screen(paths, root, progress=len(paths) > 20000)
-    imagecheck.warn_skipped(skipped, where)
-    if skipped:
-        drop = {p for p, _ in skipped}
-        keep = np.array([p not in drop for p in paths], bool)
-        paths = [p for p, k in zip(paths, keep) if k]
-        labels = labels[keep]
-    if len(paths) == 0:
-        raise DataError(f"no readable images left in {where}")
-    return ImageSet(root, paths, labels, classes)
-
-
-def train_set(cfg: DataConfig) -> ImageSet:
-    """The training images of root/train/<class>/*, bad files skipped."""
-    root = _root(cfg)
-    paths, labels, classes = scan_class_folders(root / "train")
-    return _screened(root, paths, labels, classes, str(root / "train"))
-
-
-def val_set(cfg: DataConfig, class_names: list[str]) -> ImageSet:
-    """The validation images, labelled with the training classes' indices."""
-    root = _root(cfg)
-    val = root / "val"
-    if cfg.val_labels:
-        if not val.is_dir():
-            raise DataError(f"validation folder {val} does not exist")
-        paths = images_in(str(val))
-        labels = _read_val_labels(cfg.val_labels, root, paths, class_names)
-    else:
-        if not val.is_dir():
-            raise DataError(
-                f"validation folder {val} does not exist: expected {val}/<class>/*.jpg, or a "
-                "flat folder of images with data.val_labels set"
-            )
-        subdirs = [e for e in os.scandir(val) if e.is_dir()]
-        if not subdirs and images_in(str(val)):
-            raise DataError(
-                f"{val} is a flat folder of images: set data.val_labels to its label file"
-            )
-        paths, local, val_classes = scan_class_folders(val)
-        index = {name: i for i, name in enumerate(class_names)}
-        unknown = [c for c in val_classes if c not in index]
-        if unknown:
-            raise DataError(
-                f"validation class folder(s) {unknown[:5]} in {val} are not training classes "
-                f"(training has {len(class_names)}: {class_names[:5]}...)"
-            )
-        labels = np.asarray([index[c] for c in val_classes], np.int64)[local]
-    return _screened(root, paths, labels, class_names, str(val))
-
-
-def _read_val_labels(
-    label_file: str, root: Path, paths: list[str], class_names: list[str]
-) -> np.ndarray:
-    """Labels of the flat validation images from a label file (formats: module docstring)."""
-    path = Path(label_file)
-    if not path.is_file() and not path.is_absolute() and (root / path).is_file():
-        path = root / path
-    if not path.is_file():
-        raise DataError(f"data.val_labels {label_file} not found (also tried {root / label_file})")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    index = {name: i for i, name in enumerate(class_names)}
-    if all(ln.isdigit() for ln in lines):
-        if len(lines) != len(paths):
-            raise DataError(
-                f"{path} has {len(lines)} labels but {root / 'val'} holds {len(paths)} images: "
-                "one label per image, in sorted file-name order"
-            )
-        ids = np.asarray([int(ln) for ln in lines], np.int64)
-        wnid_of = _devkit_wnids(path, root)
-        if wnid_of is not None:
-            missing = sorted({wnid_of.get(i, f"id {i}") for i in ids} - index.keys())
-            if missing:
-                raise DataError(f"{path}: classes {missing[:5]} are not training classes")
-            return np.asarray([index[wnid_of[i]] for i in ids], np.int64)
-        if all(_WNID.match(c) for c in class_names):
-            raise DataError(
-                f"{path} holds integer labels and the classes are wnids: ILSVRC2012 ids do not "
-                "follow sorted wnid order, so put the devkit's meta.mat beside the label file "
-                f"or in {root}, or write the labels as 'file_name wnid' lines"
-            )
-        if ids.min() < 1 or ids.max() > len(class_names):
-            raise DataError(
-                f"{path}: labels must be 1..{len(class_names)} (1-based), got {ids.min()}..{ids.max()}"
-            )
-        return ids - 1
-    by_name = {}
-    for number, ln in enumerate(lines, 1):
-        parts = ln.split(maxsplit=1)
-        if len(parts) != 2 or parts[1] not in index:
-            raise DataError(
-                f"{path} line {number}: expected 'file_name class_name' with a training class "
-                f"(e.g. {class_names[0]!r}) or one integer label per line, got {ln!r}"
-            )
-        by_name[parts[0]] = index[parts[1]]
-    names = [os.path.basename(p) for p in paths]
-    missing = [n for n in names if n not in by_name]
-    if missing or len(by_name) != len(names):
-        raise DataError(
-            f"{path} labels {len(by_name)} files but {root / 'val'} holds {len(names)} images; "
-            f"unlabelled: {missing[:5]}"
-        )
-    return np.asarray([by_name[n] for n in names], np.int64)
-
-
-def _devkit_wnids(label_file: Path, root: Path) -> dict[int, str] | None:
-    """ILSVRC2012 id -> wnid from the devkit's meta.mat, if one lies beside the labels or in root."""
-    for meta in (label_file.parent / "meta.mat", root / "meta.mat"):
-        if meta.is_file():
-            from scipy.io import loadmat  # scipy comes with scikit-learn
-
-            synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-            return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
-    return None
+            "decoding images needs NVIDIA DALI, which is not installed: pip install "
+            "nvidia-dali-cuda130 (or nvidia-dali-cuda120 for CUDA 12; it runs on CPU too), "
+            "or set data.source=synthetic"
+        ) from None
+    return pipelines
 
 
 def _check_cfg(cfg: DataConfig) -> None:
@@ -229,17 +92,26 @@ def _normalisation(cfg: DataConfig):
     from repro.data.stats import load_stats
 
     stats = load_stats(cfg)
-    basis = pipelines.lighting_basis(stats["eigval"], stats["eigvec"])
+    basis = augment.lighting_basis(stats["eigval"], stats["eigvec"])
     if cfg.mean == "image":
         return stats["mean_image"], zeros, basis
     return None, (stats["mean_channel"] if cfg.mean == "channel" else zeros), basis
 
 
-def _fed(cfg: DataConfig, layout: Layout, pipeline, batch: int, **args) -> pipelines.FedPipeline:
+def is_store(images: ImageSet, resize: int) -> bool:
+    """True when every image is already resize x resize (the paper's store, §2)."""
+    sizes = images.sizes
+    return sizes is not None and len(sizes) > 0 and bool((sizes == resize).all())
+
+
+def _fed(cfg: DataConfig, layout: Layout, pipeline: str, batch: int, images: ImageSet, **args):
+    pipelines = dali_pipelines()
     decode = _decode_device(cfg, layout.device)
-    args = dict(decode=decode, resize=cfg.resize, crop=cfg.crop, **args)
+    stored = is_store(images, cfg.resize)
+    args = dict(decode=decode, resize=cfg.resize, crop=cfg.crop, stored=stored, **args)
+    graph = getattr(pipelines, pipeline)
     gpu = decode == "mixed"
-    return pipelines.FedPipeline(pipeline, args, batch, cfg.threads, layout.device, gpu=gpu)
+    return pipelines.FedPipeline(graph, args, batch, cfg.threads, layout.device, gpu=gpu)
 
 
 def _shares(n: int, towers: int) -> list[int]:
@@ -248,11 +120,11 @@ def _shares(n: int, towers: int) -> list[int]:
 
 
 def _gather(local: torch.Tensor | None, sizes: list[int], layout: Layout, shape) -> torch.Tensor:
-    """Concatenate the tower ranks' shares in tower order; each share's rows are sizes[t] * views."""
+    """Concatenate the tower ranks' uint8 shares in tower order; share t has sizes[t] * views rows."""
     rows = [s * shape[0] for s in sizes]
     if local is None:
-        local = torch.empty((0, *shape[1:]), device=layout.device)
-    local = local.reshape(-1, *shape[1:])
+        local = torch.empty((0, *shape[1:]), dtype=torch.uint8, device=layout.device)
+    local = local.to(layout.device).reshape(-1, *shape[1:])
     if layout.tower_group is None:
         return local
     padded = local.new_zeros((max(rows), *shape[1:]))  # list all_gather needs equal shapes
@@ -281,12 +153,19 @@ class TrainLoader:
             )
         self.class_names = images.class_names
         self.channels_last = channels_last
-        mean_image, self._channel_mean, self._basis = _normalisation(cfg)
+        mean_image, channel_mean, self._basis = _normalisation(cfg)
+        self._norm = augment.Normalizer(mean_image, channel_mean, cfg.crop, layout.device)
         self._sizes = _shares(batch_size, layout.tower_size)
         self._start = sum(self._sizes[: layout.tower_rank])  # this rank's share in the batch
-        self._runner = _fed(
-            cfg, layout, pipelines.train_pipeline, max(self._sizes), mean_image=mean_image
-        )
+        self._runner = _fed(cfg, layout, "train_pipeline", max(self._sizes), images)
+        self._draws: tuple[int, augment.EpochDraws] | None = None
+
+    def _epoch_draws(self, epoch: int) -> augment.EpochDraws:
+        if self._draws is None or self._draws[0] != epoch:
+            span = self.cfg.resize - self.cfg.crop
+            draws = augment.EpochDraws.draw(self.seed, epoch, len(self.images.paths), span)
+            self._draws = (epoch, draws)
+        return self._draws[1]
 
     def epoch(
         self, epoch: int, start_step: int = 0, lighting: bool = True
@@ -294,34 +173,30 @@ class TrainLoader:
         """(images (b, 3, crop, crop) float32, labels (b,) int64) for steps start_step.. of an epoch."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise DataError(f"start_step must be in 0..{self.steps_per_epoch}, got {start_step}")
-        cfg, b = self.cfg, self.batch_size
-        order = pipelines.epoch_order(self.seed, epoch, len(self.images.paths))
+        from repro.data.pipelines import CROP_X, CROP_Y, MIRROR  # DALI: imported by _fed already
+
+        cfg, b, paths = self.cfg, self.batch_size, self.images.paths
+        order = augment.epoch_order(self.seed, epoch, len(paths))
+        draws = self._epoch_draws(epoch)
         first = self.layout.replica * b  # this replica's offset inside a global batch
         sigma = cfg.lighting_std if lighting else 0.0
-        own = slice(self._start, self._start + self._sizes[self.layout.tower_rank])
+        own = np.arange(b)[self._start : self._start + self._sizes[self.layout.tower_rank]]
+        span = cfg.resize - cfg.crop
 
-        def feed():
+        def feed():  # this rank's share: positions, crop anchors, mirror flags, file names
             for step in range(start_step, self.steps_per_epoch):
-                positions = np.arange(b)[own] + step * self.global_batch + first
-                inputs = pipelines.draw_train_inputs(
-                    self.seed,
-                    epoch,
-                    positions,
-                    cfg.resize,
-                    cfg.crop,
-                    cfg.flip,
-                    sigma,
-                    self._basis,
-                    self._channel_mean,
-                )
-                yield inputs, [self.images.paths[i] for i in order[positions]]
+                positions = own + step * self.global_batch + first
+                offsets, mirror, _ = draws.take(positions, cfg.flip, 0.0, self._basis)
+                x, y = augment.crop_positions(offsets, span)
+                inputs = {CROP_X: x, CROP_Y: y, MIRROR: mirror.astype(np.int32)}
+                yield inputs, [paths[i] for i in order[positions]]
 
         shape = (1, 3, cfg.crop, cfg.crop)
         for step, local in zip(range(start_step, self.steps_per_epoch), self._runner.run(feed())):
-            images = _gather(local, self._sizes, self.layout, shape)
-            start = step * self.global_batch + first
-            # Labels need no exchange: every rank knows the whole replica batch's files.
-            labels = torch.from_numpy(self.images.labels[order[start : start + b]])
+            patches = _gather(local, self._sizes, self.layout, shape)  # (b, 3, c, c) uint8
+            positions = np.arange(b) + step * self.global_batch + first
+            images = self._norm.train(patches, *draws.take(positions, cfg.flip, sigma, self._basis))
+            labels = torch.from_numpy(self.images.labels[order[positions]])
             yield finish_batch(images, self.channels_last), labels.to(self.layout.device)
 
 
@@ -341,15 +216,10 @@ class EvalLoader:
         self.cfg, self.layout, self.images, self.batch_size = cfg, layout, images, batch_size
         self.patches, self.channels_last = patches, channels_last
         mean_image, channel_mean, _ = _normalisation(cfg)
-        self._runner = _fed(
-            cfg,
-            layout,
-            pipelines.eval_pipeline,
-            -(-batch_size // layout.tower_size),  # the largest tower share
-            mean_image=mean_image,
-            channel_mean=tuple(map(float, channel_mean)),
-            patches=patches,
-        )
+        self._norm = augment.Normalizer(mean_image, channel_mean, cfg.crop, layout.device)
+        largest_share = -(-batch_size // layout.tower_size)
+        self._runner = _fed(cfg, layout, "eval_pipeline", largest_share, images, patches=patches)
+        self._views = augment.view_offsets(patches, cfg.resize - cfg.crop)
 
     def __len__(self) -> int:
         return -(-self.num_images // self.batch_size)
@@ -365,10 +235,10 @@ class EvalLoader:
         batches = list(self._batches())
         t, paths = self.layout.tower_rank, self.images.paths
         feed = (({}, paths[own : own + sizes[t]]) for _, _, sizes, own in batches)
-        views = 10 if self.patches == "ten" else 1
-        shape = (views, 3, self.cfg.crop, self.cfg.crop)
+        shape = (len(self._views), 3, self.cfg.crop, self.cfg.crop)
         for (start, n, sizes, _), local in zip(batches, self._runner.run(feed)):
-            images = _gather(local, sizes, self.layout, shape)  # (n * views, 3, c, c)
+            patches = _gather(local, sizes, self.layout, shape)  # (n * views, 3, c, c) uint8
+            images = self._norm.views(patches, self._views)
             labels = torch.from_numpy(self.images.labels[start : start + n])
             yield finish_batch(images, self.channels_last), labels.to(self.layout.device)
 
@@ -385,7 +255,8 @@ def build_train_loader(
     _check_cfg(cfg)
     if cfg.source == "synthetic":
         return SyntheticLoader(cfg, layout, batch_size, seed, num_classes, channels_last)
-    return TrainLoader(cfg, layout, train_set(cfg), batch_size, seed, channels_last)
+    dali_pipelines()  # the one clear error without DALI, before any scan
+    return TrainLoader(cfg, layout, train_set(cfg, layout), batch_size, seed, channels_last)
 
 
 def build_eval_loader(
@@ -401,5 +272,7 @@ def build_eval_loader(
     if cfg.source == "synthetic":
         views = 10 if patches == "ten" else 1
         return SyntheticLoader(cfg, layout, batch_size, 0, num_classes, channels_last, views)
-    classes = class_folders(_root(cfg) / "train")
-    return EvalLoader(cfg, layout, val_set(cfg, classes), batch_size, patches, channels_last)
+    dali_pipelines()
+    classes = class_folders(root_of(cfg, layout) / "train")
+    images = val_set(cfg, classes, layout)
+    return EvalLoader(cfg, layout, images, batch_size, patches, channels_last)

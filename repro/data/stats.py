@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from repro.config import DataConfig
-from repro.data import imagecheck, pipelines
-from repro.data.folders import DataError, scan_class_folders
+from repro.data import imagecheck
+from repro.data.folders import DataError
+from repro.data.index import load_index
 
 # PAPER.md §3: ImageNet RGB in [0, 1]; eigvec rows as published, columns are eigenvectors.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
@@ -55,27 +56,30 @@ def compute_stats(
     threads: int = 4,
     batch: int = 64,
     progress: bool = True,
+    max_pixels: int = imagecheck.MAX_PIXELS,
 ) -> dict:
     """Mean image, channel mean and RGB PCA of root/train; saved to `out` (default <root>/stats.npz).
 
     sample > 0 uses that many training images drawn without replacement from `seed`;
-    0 uses all of them. Unreadable files are skipped with a warning, as the loaders do.
+    0 uses all of them. The files are the loaders' (the same index, bad files skipped with
+    a warning); a folder already at resize x resize (the 256x256 store) is decoded as it is.
     """
+    from repro.data import pipelines  # DALI: only when statistics are computed
+
     root = Path(root)
-    paths, _, _ = scan_class_folders(root / "train")
-    skipped = imagecheck.screen(paths, root, progress=progress and len(paths) > 20000)
-    imagecheck.warn_skipped(skipped, str(root / "train"))
-    drop = {p for p, _ in skipped}
-    paths = [p for p in paths if p not in drop]
+    index = load_index(root / "train", root, False, max_pixels)
+    good = [i for i in range(len(index.paths)) if i not in index.reasons]
+    paths = [str(root / "train" / index.paths[i]) for i in good]
     if 0 < sample < len(paths):
-        chosen = np.random.default_rng(seed).choice(len(paths), sample, replace=False)
-        paths = [paths[i] for i in np.sort(chosen)]
+        chosen = np.sort(np.random.default_rng(seed).choice(len(paths), sample, replace=False))
+        paths, good = [paths[i] for i in chosen], [good[i] for i in chosen]
     if not paths:
         raise DataError(f"no readable training images in {root / 'train'}")
+    stored = bool((index.sizes[good] == resize).all())  # the 256x256 store: no resize pass
 
     runner = pipelines.FedPipeline(
         pipelines.square_pipeline,
-        dict(decode="cpu", resize=resize),
+        dict(decode="cpu", resize=resize, stored=stored),
         batch,
         threads,
         torch.device("cpu"),
@@ -98,6 +102,9 @@ def compute_stats(
     mean01 = mean_image.reshape(-1, 3).mean(axis=0) / 255.0
     cov = outer / (count * resize * resize) - np.outer(mean01, mean01)
     eigval, eigvec = np.linalg.eigh(cov)  # ascending
+    # A covariance is positive semi-definite; rounding can leave -2e-17 for a flat direction
+    # (a grey data set), which would print as a negative variance: clip at 0.
+    eigval = np.clip(eigval, 0.0, None)
     order = np.argsort(eigval)[::-1]
     stats = {
         "eigval": eigval[order],

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -34,48 +35,57 @@ from repro.data.imagecheck import (
 _CORRUPT = ("corrupt", "premature end", "warning")  # what libjpeg & co. print on bad data
 
 
-def _decoded_with_dali(paths: Sequence[str], threads: int, progress: bool) -> dict[str, str]:
-    """{path: reason} for the files DALI fails on or decodes with a warning (fd 2 captured)."""
+def _corrupt(printed: str) -> bool:
+    return any(word in printed.lower() for word in _CORRUPT)
+
+
+def decode_named(
+    pipeline: str, args: dict, paths: Sequence[str], threads: int, batch: int = 32
+) -> Iterator[tuple[str, Any, str | None]]:
+    """(path, DALI's output for it or None, None or why it is bad) for each path, in order.
+
+    Runs repro.data.pipelines.<pipeline> on CPU over batches with file descriptor 2 captured;
+    a batch that fails, or makes the decoder print a corrupt-data warning, is decoded again
+    one file at a time, so each bad file is named and the good ones still come out.
+    """
     import torch
 
     from repro.data import pipelines
 
-    batch = 32
-    cpu = torch.device("cpu")
-    runner = pipelines.FedPipeline(pipelines.shape_pipeline, {}, batch, threads, cpu, False)
+    graph = getattr(pipelines, pipeline)
+    runner = pipelines.FedPipeline(graph, args, batch, threads, torch.device("cpu"), False)
 
-    def run(files: list[str]) -> tuple[str | None, str]:
-        """(None or DALI's error, what DALI printed) for one batch."""
+    def run(files: list[str]):
+        """(output or None, DALI's error or None, what DALI printed) for one batch."""
         saved = os.dup(2)
         with tempfile.TemporaryFile() as printed:
             os.dup2(printed.fileno(), 2)
+            out = error = None
             try:
-                list(runner.run([({}, files)]))
-                error = None
+                (out,) = list(runner.run([({}, files)]))
             except pipelines.DecodeError as e:
                 error = str(e).split("DALI said: ")[-1]
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
             printed.seek(0)
-            return error, printed.read().decode(errors="replace").strip()
+            return out, error, printed.read().decode(errors="replace").strip()
 
-    def bad_in(files: list[str]) -> dict[str, str]:
-        error, printed = run(files)
-        if error is None and not any(w in printed.lower() for w in _CORRUPT):
-            return {}
-        if len(files) > 1:  # which file: one at a time (bad files are rare)
-            return {p: r for f in files for p, r in bad_in([f]).items()}
-        if error is not None:
-            return {files[0]: f"DALI cannot decode it: {error[:300]}"}
-        return {files[0]: f"corrupt data: DALI warned {' | '.join(printed.splitlines())[:300]}"}
+    def each(files: list[str]):
+        out, error, printed = run(files)
+        if error is None and not _corrupt(printed):
+            yield from ((p, out[i], None) for i, p in enumerate(files))
+        elif len(files) > 1:  # which file: one at a time (bad files are rare)
+            for f in files:
+                yield from each([f])
+        elif error is not None:
+            yield files[0], None, f"DALI cannot decode it: {error[:300]}"
+        else:
+            lines = " | ".join(printed.splitlines())[:300]
+            yield files[0], None, f"corrupt data: DALI warned {lines}"
 
-    bad = {}
-    with tqdm(total=len(paths), desc="decoding", unit="file", disable=not progress) as bar:
-        for i in range(0, len(paths), batch):
-            bad.update(bad_in(list(paths[i : i + batch])))
-            bar.update(len(paths[i : i + batch]))
-    return bad
+    for i in range(0, len(paths), batch):
+        yield from each(list(paths[i : i + batch]))
 
 
 def find_bad_images(
@@ -102,7 +112,9 @@ def find_bad_images(
     reasons = dict(zip(paths, found))
     readable = [p for p in paths if reasons[p] is None]
     try:
-        reasons.update(_decoded_with_dali(readable, threads, progress))
+        decoded = decode_named("shape_pipeline", {}, readable, threads)
+        bar = tqdm(decoded, total=len(readable), desc="decoding", unit="file", disable=not progress)
+        reasons.update((p, r) for p, _, r in bar if r is not None)
     except ModuleNotFoundError as err:  # no DALI: PIL decodes with the same libjpeg-turbo
         if not (err.name or "").startswith("nvidia"):
             raise

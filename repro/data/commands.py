@@ -1,7 +1,8 @@
-"""The sub-commands of launch/prepare_data.py: split, imagenet-val, digits, conversions, check, stats.
+"""The sub-commands of launch/prepare_data.py: split, imagenet-val, digits, conversions, check,
+resize (the 256x256 store), stats.
 
 Each handler takes the parsed arguments and returns an exit code; the launch file builds the
-parser (repro.cli) and turns errors into one line. check and stats import their modules when
+parser (repro.cli) and turns errors into one line. check, resize and stats import their modules when
 called, so the other commands work without DALI.
 """
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from repro.data import convert, prepare
+from repro.data.imagecheck import MAX_PIXELS
 
 
 def _split(a: argparse.Namespace) -> int:
@@ -46,11 +48,19 @@ def _check(a: argparse.Namespace) -> int:
     root = prepare.require_dir(Path(a.root), "image folder")
     from repro.data.check import find_bad_images  # here: the other commands work without it
 
-    bad = find_bad_images(root, progress=True)
+    bad = find_bad_images(root, progress=True, max_pixels=a.max_pixels)
     for path, reason in bad:
         print(f"{path}: {reason}")
     print(f"{len(bad)} bad images under {root}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _resize(a: argparse.Namespace) -> int:
+    from repro.data import store  # here: needs DALI, the other commands work without it
+
+    result = store.resize_store(a.src, a.dst, a.size, a.quality, a.workers, a.max_pixels)
+    print("\n".join(store.summary(result, Path(a.dst))))
+    return 0
 
 
 def _stats(a: argparse.Namespace) -> int:
@@ -92,6 +102,11 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         )
 
     overwrite = {"action": "store_true", "help": "replace a destination that holds something else"}
+    max_pixels = {
+        "type": int,
+        "default": MAX_PIXELS,
+        "help": "skip (and name) images with more pixels (default: %(default)s)",
+    }
 
     sub = command(
         "split",
@@ -100,7 +115,7 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "python launch/prepare_data.py split ~/Downloads/flower_photos data/flowers --val-fraction 0.2",
     )
     sub.add_argument("src", help="class-folder collection, e.g. flower_photos/")
-    sub.add_argument("dst", help="output folder (default: %(default)s)")
+    sub.add_argument("dst", help="output folder: dst/train/<class>/ and dst/val/<class>/")
     split_args(sub)
     sub.add_argument(
         "--link",
@@ -166,7 +181,30 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "list images that fail to decode (exit 1 if any)",
         "python launch/prepare_data.py check data/flowers",
     )
-    sub.add_argument("root", help="image folder to check")
+    sub.add_argument("root", help="image folder to check; the list goes to root/bad_files.txt")
+    sub.add_argument("--max-pixels", **max_pixels)
+
+    sub = command(
+        "resize",
+        _resize,
+        "write the paper's 256x256 store (§2): each image's central square, resized, as JPEG",
+        "python launch/prepare_data.py resize /data/imagenet /data/imagenet256 --size 256",
+    )
+    sub.add_argument("src", help="image tree: class folders, or a data root with train/ and val/")
+    sub.add_argument("dst", help="output folder, outside src; the same tree, every image size^2")
+    sub.add_argument(
+        "--size", type=int, default=256, help="side of the stored squares (default: %(default)s)"
+    )
+    sub.add_argument(
+        "--quality", type=int, default=90, help="JPEG quality, 1-100 (default: %(default)s)"
+    )
+    sub.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="decode and encode threads, 0 for one per core (default: %(default)s)",
+    )
+    sub.add_argument("--max-pixels", **max_pixels)
 
     sub = command(
         "stats",

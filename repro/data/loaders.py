@@ -157,6 +157,7 @@ class TrainLoader:
         self._norm = augment.Normalizer(mean_image, channel_mean, cfg.crop, layout.device)
         self._sizes = _shares(batch_size, layout.tower_size)
         self._start = sum(self._sizes[: layout.tower_rank])  # this rank's share in the batch
+        self.stored = is_store(images, cfg.resize)  # the 256x256 store: no resize pass
         self._runner = _fed(cfg, layout, "train_pipeline", max(self._sizes), images)
         self._draws: tuple[int, augment.EpochDraws] | None = None
 

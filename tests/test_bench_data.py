@@ -1,17 +1,19 @@
 """The data benchmark: repro/bench/data.py through launch/bench.py.
 
-Proves (never asserting speed): `bench.py data` makes its own JPEG set, times both loaders
-over the requested batches and writes a JSON whose figures are consistent (images = timed
-batches x batch, images/s = images / seconds, ratio = DALI / DataLoader) beside the
-machine, versions and git revision; the DataLoader side yields what DALI yields in shape,
-dtype and value range.
+Proves (never asserting speed): `bench.py data` makes its own natural-looking JPEG set (and
+with --prepared its 256x256 store), alternates the loaders round by round and writes a JSON
+whose figures are consistent (one images/s per round and contender, medians and spreads of
+them, per core = median / workers, each ratio the median of the rounds' DALI / DataLoader
+pairs, gather bytes = half a batch of uint8 224^2 patches) beside the machine, versions,
+git revision and load; --wait reports a data-wait share in (0, 1); `--help` shows examples;
+the DataLoader side yields what DALI yields in shape, dtype and value range.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from importlib.metadata import version
+import statistics
 from pathlib import Path
 
 import pytest
@@ -30,28 +32,54 @@ def load_launcher():
     return module
 
 
-def test_bench_data_writes_sane_figures(tmp_path, capsys):
+def test_bench_data_alternates_and_writes_sane_figures(tmp_path, capsys):
     out = tmp_path / "data.json"
-    argv = ["data", "--images", "24", "--size", "120", "90", "--workers", "1", "--batch", "4"]
-    assert (
-        load_launcher().main([*argv, "--batches", "3", "--seconds", "60", "--out", str(out)]) == 0
-    )
+    root = bench_data.make_jpegs(tmp_path / "set", images=24, size=(120, 90))
+    argv = ["data", "--root", str(root), "--prepared", "--workers", "1", "--batch", "4"]
+    argv += ["--rounds", "2", "--batches", "2", "--out", str(out)]
+    argv += [
+        "--wait",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--wait-steps",
+        "2",
+        "--wait-batch",
+        "4",
+    ]
+    assert load_launcher().main(argv) == 0
     printed = capsys.readouterr().out
-    assert "DALI / DataLoader" in printed and "images/s" in printed
+    assert "DALI / DataLoader on originals" in printed and "images/s" in printed
     result = json.loads(out.read_text())
-    for side in ("dali", "dataloader"):
-        r = result[side]
-        assert r["images"] == 3 * 4
-        assert r["seconds"] > 0
-        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
-    assert result["ratio"] == pytest.approx(
-        result["dali"]["images_per_s"] / result["dataloader"]["images_per_s"]
-    )
-    assert result["dataloader"]["implementation"] == "torchvision"
-    assert result["settings"]["workers"] == 1 and result["settings"]["batch"] == 4
-    assert result["machine"]["cpu_count"] >= 1 and result["machine"]["platform"]
-    assert result["versions"]["torch"] == version("torch")
-    assert "git_revision" in result
+    loaders = result["loaders"]
+    assert len(loaders) == 4  # DALI and DataLoader, on the originals and on the store
+    for r in loaders.values():
+        assert len(r["rounds"]) == 2 and all(v > 0 for v in r["rounds"])
+        assert r["images_per_s"]["median"] == pytest.approx(statistics.median(r["rounds"]))
+        assert r["images_per_s"]["min"] == min(r["rounds"])
+        assert r["per_core"] == pytest.approx(r["images_per_s"]["median"] / 1)
+    for label in ("originals", "256x256 store"):
+        dali = loaders[f"DALI, CPU decode | {label}"]["rounds"]
+        torch_ = loaders[f"DataLoader, torchvision | {label}"]["rounds"]
+        pairs = [a / b for a, b in zip(dali, torch_)]
+        assert result["ratio_dali_over_dataloader"][label]["median"] == pytest.approx(
+            statistics.median(pairs)
+        )
+    assert result["gather_bytes_per_rank_step"] == {
+        "uint8": 2 * 3 * 224 * 224,
+        "float32": 8 * 3 * 224 * 224,
+    }
+    (wait,) = result["data_wait"]
+    assert 0 < wait["wait_share"] < 1 and wait["steps"] == 2
+    assert result["settings"]["workers"] == 1 and result["settings"]["prepared"]
+    context = result["context"]
+    assert context["versions"]["torch"] == torch.__version__
+    assert "git_revision" in context and len(context["load_average_end"]) == 3
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit):
+        load_launcher().main(["data", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "python launch/bench.py data --prepared" in text
 
 
 def test_dataloader_side_does_the_same_work(tmp_path):

@@ -1,25 +1,33 @@
-"""Data benchmark: images/s of the DALI training pipeline against a torch DataLoader.
+"""Data benchmark: images/s of the DALI training loader against a torch DataLoader, alternated.
 
-Both do the same work per image on the same JPEG files with the same number of CPU
-workers (DALI threads / DataLoader worker processes): decode, shorter side to 256,
-central 256 square, per-pixel mean subtracted, random 224 patch, random flip, PCA
-lighting, float32 CHW batch. The DataLoader side decodes with PIL and resizes and crops
-with torchvision's functional transforms, as torchvision's ImageNet recipe does.
+Both do the same work per image on the same files with the same number of CPU workers (DALI
+threads / DataLoader worker processes): decode, shorter side to 256, central 256 square,
+random 224 patch, random flip, per-pixel mean subtracted, PCA lighting, a float32 CHW batch.
+The DataLoader side decodes with PIL and resizes and crops with torchvision's functional
+transforms, as torchvision's ImageNet recipe does.
 
-    python launch/bench.py data                       # makes 512 JPEGs of 500x375 first
-    python launch/bench.py data --root data/flowers --workers 8 --batch 128 --seconds 30
+The contenders take turns, round by round (the first of a round rotates), so background
+load on a shared machine falls on all of them alike. A round times `--batches` batches after
+one warm-up batch, from a fresh iterator; between rounds DALI's batches in flight are drained
+and the DataLoader's workers stopped, so no contender works while another is timed. Reported:
+the median images/s over the rounds with min-max, per core (images/s / workers), and the
+ratio DALI / DataLoader from each round's pair.
 
-Prints one table and writes a JSON file with the figures, the machine, the versions and
-the git revision. Timing starts after one warm-up batch (pipeline build, worker start).
+    python launch/bench.py data --workers 2                  # makes 256 JPEGs of 500x375 first
+    python launch/bench.py data --prepared --workers 2       # ... and their 256x256 store
+    python launch/bench.py data --root data/flowers --wait configs/flowers.yaml
+    python launch/bench.py data --wait configs/demo.yaml     # data-wait share of the demo's steps
+
+`--wait CONFIG` trains CONFIG's net for a few steps on the DALI loader (the config's data, or
+--root) and reports the share of each step spent waiting for the next batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import dataclasses
 import os
-import platform
-import subprocess
 import tempfile
 import time
 import warnings
@@ -27,34 +35,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms import functional as tvf
 from tqdm import tqdm
 
-from repro.config import DataConfig
+from repro.bench import kit
+from repro.config import DataConfig, load_config
 from repro.data import augment
 from repro.data import loaders as data
 from repro.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN
 from repro.net.dist import single_process_layout
 
+EXAMPLE = """examples:
+  python launch/bench.py data --workers 2                # 256 natural-looking 500x375 JPEGs
+  python launch/bench.py data --prepared --rounds 10     # also their 256x256 store
+  python launch/bench.py data --root data/flowers --wait configs/flowers.yaml"""
+
 
 def make_jpegs(
-    root: str | Path, images: int = 512, size: tuple[int, int] = (500, 375), seed: int = 0
+    root: str | Path, images: int = 256, size: tuple[int, int] = (500, 375), seed: int = 0
 ) -> Path:
-    """images JPEGs of size (w, h) in 8 class folders under root/train; smooth colour fields
-    plus noise, so that files are about as large as ImageNet's (~100 kB at 500x375)."""
+    """`images` natural-looking JPEGs (smooth gradients and soft shapes, quality 90) of size
+    (w, h) in 8 class folders under root/train."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in tqdm(range(images), desc="writing JPEGs", unit="img"):
         folder = root / "train" / f"class{i % 8}"
         folder.mkdir(parents=True, exist_ok=True)
-        coarse = rng.uniform(0, 255, (h // 25 + 2, w // 25 + 2, 3)).astype(np.uint8)
-        field = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
-        noisy = np.asarray(field, np.int16) + rng.integers(-20, 21, (h, w, 3))
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(
-            folder / f"{i:05d}.jpg", quality=90
-        )
+        c0, c1, angle = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3), rng.uniform(0, 6.3)
+        t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1)[..., None] / 2
+        image = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(8):
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, w / 4)
+            colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
+            draw.ellipse([x - r, y - 0.7 * r, x + r, y + 0.7 * r], fill=colour)
+        image.filter(ImageFilter.GaussianBlur(2)).save(folder / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -84,115 +102,200 @@ class AugmentedFiles(torch.utils.data.Dataset):
         return (x + torch.from_numpy(shift).float()[:, None, None]).contiguous(), self.labels[i]
 
 
-def _time(batches, n_batches: int, seconds: float, batch: int) -> dict:
-    """Images/s over the batches after the first, stopping at n_batches or seconds."""
-    it = iter(batches)
-    next(it)  # warm-up: build, start workers, first decode
-    start, images, done = time.perf_counter(), 0, 0
-    for x, _ in it:
-        images += len(x)
-        done += 1
-        if done >= n_batches or time.perf_counter() - start >= seconds:
-            break
-    elapsed = time.perf_counter() - start
-    return {"images": images, "seconds": elapsed, "images_per_s": images / elapsed}
+class DaliContender:
+    """repro's DALI training loader; a round reads on from where the last one stopped."""
 
+    kind = "DALI, CPU decode"
 
-def _epochs(loader):
-    for epoch in range(10**6):
-        yield from loader.epoch(epoch)
+    def __init__(self, root: Path, workers: int, batch: int):
+        cfg = DataConfig(root=str(root), threads=workers, decode="cpu", mean="image")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no stats file: ImageNet's constants do the same work
+            self.loader = data.build_train_loader(cfg, single_process_layout(), batch, seed=0)
+        self.stored = self.loader.stored
+        self.epoch, self.step = 0, 0
 
+    @contextlib.contextmanager
+    def round(self):
+        batches = self._batches()
+        yield batches
+        batches.close()
+        self.loader._runner.drain()  # the batches still in flight finish here, untimed
 
-def bench_dali(root: Path, workers: int, batch: int, n_batches: int, seconds: float) -> dict:
-    cfg = DataConfig(root=str(root), threads=workers, decode="cpu", mean="image")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no stats file: ImageNet's constants do the same work
-        loader = data.build_train_loader(cfg, single_process_layout(), batch, seed=0)
-    return _time(_epochs(loader), n_batches, seconds, batch)
-
-
-def bench_torch(root: Path, workers: int, batch: int, n_batches: int, seconds: float) -> dict:
-    paths, labels, _ = data.scan_class_folders(root / "train")
-    dataset = AugmentedFiles(paths, labels, 256, 224, 0.1)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-        persistent_workers=workers > 0,
-    )  # fmt: skip
-
-    def batches():
+    def _batches(self):
         while True:
-            yield from loader
-
-    result = _time(batches(), n_batches, seconds, batch)
-    return {**result, "implementation": "torchvision"}
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+            for item in self.loader.epoch(self.epoch, self.step):
+                self.step += 1
+                if self.step == self.loader.steps_per_epoch:
+                    self.epoch, self.step = self.epoch + 1, 0
+                yield item
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+class TorchContender:
+    """A torchvision DataLoader doing the same work; fresh workers every round."""
 
-    found = {"python": platform.python_version()}
-    for name in (
-        "torch",
-        "torchvision",
-        "nvidia-dali-cuda130",
-        "nvidia-dali-cuda120",
-        "numpy",
-        "pillow",
-    ):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
+    kind = "DataLoader, torchvision"
+
+    def __init__(self, root: Path, workers: int, batch: int):
+        paths, labels, _ = data.scan_class_folders(root / "train")
+        dataset = AugmentedFiles(paths, labels, 256, 224, 0.1)
+        self.make = lambda: torch.utils.data.DataLoader(
+            dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+        )
+
+    @contextlib.contextmanager
+    def round(self):
+        def forever():
+            while True:
+                yield from self.make()
+
+        batches = forever()
+        yield batches
+        batches.close()  # stops the workers: nothing runs while the next contender is timed
+
+
+def _time_round(contender, batches: int) -> float:
+    """Images/s over `batches` batches after one warm-up batch (worker start, first decode)."""
+    with contender.round() as it:
+        next(it)
+        start, images = time.perf_counter(), 0
+        for _, (x, _) in zip(range(batches), it):
+            images += len(x)
+        return images / (time.perf_counter() - start)
+
+
+def alternate(contenders: dict, rounds: int, batches: int) -> dict[str, list[float]]:
+    """{name: images/s of each round}; contenders take turns, the first rotating per round."""
+    names = list(contenders)
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    for r in tqdm(range(rounds), desc="rounds", unit="round"):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            figures[name].append(_time_round(contenders[name], batches))
+    return figures
+
+
+def data_wait(config: str, root: str | None, steps: int, batch: int = 0) -> dict:
+    """Share of each training step spent waiting for the batch: CONFIG's net on its data
+    (or on `root`), at the config's batch size (or `batch`)."""
+    from repro.net.model import AlexNet
+    from repro.run.optim import build_optimizer
+
+    cfg = load_config(config)
+    if root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+    if batch:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    layout = single_process_layout(cfg.model.towers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = data.build_train_loader(cfg.data, layout, cfg.train.batch_size, seed=0)
+    model = AlexNet(dataclasses.replace(cfg.model, num_classes=len(loader.class_names)), layout)
+    optimizer = build_optimizer(model, cfg.optim)
+    waits, totals = [], []
+    batches = (item for epoch in range(10**6) for item in loader.epoch(epoch))
+    for step in range(steps + 1):  # step 0: warm-up
+        begin = time.perf_counter()
+        images, labels = next(batches)
+        got = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step:
+            waits.append(got - begin)
+            totals.append(time.perf_counter() - begin)
+    batches.close()
+    return {
+        "config": config,
+        "root": cfg.data.root,
+        "batch": cfg.train.batch_size,
+        "steps": steps,
+        "step_s": kit.spread(totals),
+        "wait_share": sum(waits) / sum(totals),
+        "wait_s": kit.spread(waits),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLE
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--root", help="data set with train/<class>/*.jpg (default: make one)")
-    parser.add_argument("--images", type=int, default=512, help="JPEGs to make without --root")
+    parser.add_argument("--images", type=int, default=256, help="JPEGs to make without --root")
     parser.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    parser.add_argument("--prepared", action="store_true", help="also the 256x256 store of it")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=40, help="timed batches at most")
-    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds at most")
+    parser.add_argument("--rounds", type=int, default=10, help="alternated rounds")
+    parser.add_argument("--batches", type=int, default=4, help="timed batches per round")
+    parser.add_argument("--wait", nargs="*", default=[], metavar="CONFIG", help="data-wait share")
+    parser.add_argument("--wait-steps", type=int, default=10, help="timed steps of --wait")
+    parser.add_argument("--wait-batch", type=int, default=0, help="batch of --wait (0: config's)")
     parser.add_argument("--out", default="runs/bench/data.json", help="JSON file of the figures")
 
 
 def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        made = not args.root
         root = Path(args.root) if args.root else make_jpegs(tmp, args.images, tuple(args.size))
-        settings = {k: getattr(args, k) for k in ("workers", "batch", "batches", "seconds")}
-        dali = bench_dali(root, args.workers, args.batch, args.batches, args.seconds)
-        base = bench_torch(root, args.workers, args.batch, args.batches, args.seconds)
-    result = {
-        "dali": dali,
-        "dataloader": base,
-        "ratio": dali["images_per_s"] / base["images_per_s"],
-        "settings": {**settings, "root": args.root, "images": args.images, "size": args.size},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "versions": _versions(),
-        "git_revision": _git_revision(),
-    }
-    rows = [("DALI, CPU decode", dali), (f"DataLoader, {base['implementation']}", base)]
-    print(f"{'pipeline':<40} {'workers':>7} {'batch':>5} {'images':>7} {'s':>6} {'images/s':>9}")
-    for name, r in rows:
+        sets = {"originals": root}
+        if args.prepared:
+            from repro.data.store import resize_store
+
+            sets["256x256 store"] = Path(tmp) / "store"
+            resize_store(root, sets["256x256 store"], threads=args.workers, progress=True)
+        contenders = {}
+        for label, folder in sets.items():
+            contenders[f"{DaliContender.kind} | {label}"] = DaliContender(
+                folder, args.workers, args.batch
+            )
+            contenders[f"{TorchContender.kind} | {label}"] = TorchContender(
+                folder, args.workers, args.batch
+            )
+        figures = alternate(contenders, args.rounds, args.batches)
+        waits = [
+            data_wait(c, None if made else args.root, args.wait_steps, args.wait_batch)
+            for c in args.wait
+        ]
+    return report(args, figures, waits)
+
+
+def report(args: argparse.Namespace, figures: dict[str, list[float]], waits: list[dict]) -> dict:
+    cores = min(args.workers, os.cpu_count() or 1)
+    rows, results, ratios = [], {}, {}
+    for name, per_round in figures.items():
+        s = kit.spread(per_round)
+        results[name] = {"images_per_s": s, "per_core": s["median"] / cores, "rounds": per_round}
+        rows.append([name, args.workers, args.batch, f"{s['median']:.0f}",
+                     f"{s['min']:.0f}-{s['max']:.0f}", f"{s['median'] / cores:.0f}"])  # fmt: skip
+    for name in figures:
+        if name.startswith(DaliContender.kind):
+            other = name.replace(DaliContender.kind, TorchContender.kind)
+            pairs = [a / b for a, b in zip(figures[name], figures[other])]
+            ratios[name.split(" | ")[1]] = kit.spread(pairs)
+    kit.print_table(["loader | data", "workers", "batch", "images/s", "min-max", "per core"], rows)
+    for label, s in ratios.items():
         print(
-            f"{name[:40]:<40} {args.workers:>7} {args.batch:>5} {r['images']:>7} "
-            f"{r['seconds']:>6.1f} {r['images_per_s']:>9.1f}"
+            f"DALI / DataLoader on {label}: {s['median']:.2f}x (rounds {s['min']:.2f}-{s['max']:.2f})"
         )
-    print(f"DALI / DataLoader: {result['ratio']:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"figures written to {out}")
+    crop = 224
+    gathered = args.batch // 2 * 3 * crop * crop  # what a tower rank receives per step
+    print(
+        f"tower gather per rank per step at batch {args.batch}: {gathered / 1e6:.1f} MB as uint8 "
+        f"({4 * gathered / 1e6:.1f} MB as float32 before)"
+    )
+    for w in waits:
+        print(
+            f"data wait, {w['config']} on {w['root']}: {100 * w['wait_share']:.1f}% of each step "
+            f"(step {1e3 * w['step_s']['median']:.0f} ms, wait {1e3 * w['wait_s']['median']:.1f} ms)"
+        )
+    settings = {k: getattr(args, k) for k in ("workers", "batch", "rounds", "batches", "prepared")}
+    result = {
+        "loaders": results,
+        "ratio_dali_over_dataloader": ratios,
+        "gather_bytes_per_rank_step": {"uint8": gathered, "float32": 4 * gathered},
+        "data_wait": waits,
+        "settings": {**settings, "root": args.root, "images": args.images, "size": args.size},
+        "context": kit.context(),  # machine, versions, git revision, load at start and end
+    }
+    kit.write_json(args.out, result)
     return result

@@ -490,3 +490,13 @@ def test_check_and_stats_delegate(tmp_path, monkeypatch, capsys):
     assert "mean: array (3, 4, 4)" in out and "images: 12" in out
     check.find_bad_images = lambda root, progress, **settings: []
     assert launch.main(["check", str(tmp_path)]) == 0
+
+
+def test_help_never_shows_a_default_of_none(capsys):
+    """Every sub-command's --help: no '(default: None)', e.g. for split's required dst."""
+    launch = load_launch()
+    for command in ("split", "imagenet-val", "digits", "check", "resize", "stats"):
+        with pytest.raises(SystemExit):
+            launch.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "example:" in text and "(default: None)" not in text, command

@@ -217,9 +217,9 @@ def warn_skipped(skipped: Sequence[tuple[str, str]], where: str, others: Counter
     kinds = Counter(category(r) for _, r in skipped)
     counts = ", ".join(f"{k} {n}" for k, n in kinds.most_common())
     types = ", ".join(f"{k} {n}" for k, n in sorted(others.items()))
-    head = f"skipping {len(skipped)} unreadable image file(s)" if skipped else "skipping"
-    head += f" and {sum(others.values())} file(s) of other types" * bool(others)
-    head += f" in {where}: " + "; ".join(
+    what = [f"{len(skipped)} unreadable image file(s)"] * bool(skipped)
+    what += [f"{sum(others.values())} file(s) of other types"] * bool(others)
+    head = f"skipping {' and '.join(what)} in {where}: " + "; ".join(
         x for x in (counts, f"not images DALI decodes: {types}" if types else "") if x
     )
     shown = [f"  {p}: {r}" for p, r in skipped[:_WARN_LIST]]

@@ -11,7 +11,8 @@ ImageNet, on what is often a shared file system. So:
   valid while every folder it walked has the modification time it had then (adding,
   removing or renaming a file changes its folder's time), `bad_files.txt` is unchanged and
   the screen's settings (extensions, pixel limit) are the same. A file rewritten in place
-  under the same name is not noticed: run `prepare_data.py check`, or delete the cache.
+  under the same name is not noticed: run `prepare_data.py check`, or delete the cache. An
+  index of a folder changed in the last 20 ms is not cached (its time could hide a change).
 
 Layouts: class folders (`root/train/<class>/...`, walked recursively, as torchvision's
 ImageFolder does, hidden entries ignored) or a flat folder (ImageNet's validation images).
@@ -24,6 +25,7 @@ import gzip
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from repro.data.folders import DataError, class_folders
 from repro.net.dist import Layout
 
 INDEX_VERSION = 1
+_TICK_NS = 20_000_000  # 20 ms: coarser than the file-time granularity of local file systems
 T = TypeVar("T")
 
 
@@ -84,9 +87,13 @@ def load_index(
         cached = _read_cache(folder, root, key)
         if cached is not None:
             return cached
+        now = time.time_ns()
         walked = _walk_times(folder, flat)  # times first: a change during the scan shows later
         index = _build(folder, root, flat, max_pixels)
-        _write_cache(folder, root, index, {**key, "dirs": walked})
+        # A folder changed within a clock tick of the walk could change again unseen (its
+        # time would not move): such an index is used but not cached ("racy", as git says).
+        if max(walked.values()) < now - _TICK_NS:
+            _write_cache(folder, root, index, {**key, "dirs": walked})
         return index
 
     index = on_main(layout, main)

@@ -24,11 +24,12 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
+from repro.data import imagecheck
+
 T = TypeVar("T")
 
 SPLITS = ("train", "val")
 LINK_MODES = ("auto", "hard", "symlink", "copy")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_MARKER = ".split.json"
 
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
@@ -100,20 +101,22 @@ def copy_atomic(source: Path, target: Path) -> None:
 # --- split_folders ----------------------------------------------------------------------------
 
 
-def _class_files(src: Path) -> dict[str, list[str]]:
+def _class_files(src: Path, verbose: bool = True) -> dict[str, list[str]]:
     """Map each class folder of src to its sorted image file names; skips top-level files
-    (LICENSE.txt), hidden entries, non-image files and empty folders."""
-    classes = {}
+    (LICENSE.txt), hidden entries and empty folders. Images are the files the loaders read
+    (repro.data.imagecheck.IMAGE_EXTENSIONS); the others are counted in one line."""
+    classes, others = {}, Counter()
     for folder in sorted(src.iterdir()):
         if folder.name.startswith(".") or not folder.is_dir():
             continue
-        names = sorted(
-            f.name
-            for f in folder.iterdir()
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+        names = sorted(f.name for f in files if imagecheck.is_image_name(f.name))
+        others.update(f.suffix.lower() or "(no ending)" for f in files if f.name not in names)
         if names:
             classes[folder.name] = names
+    if others and verbose:
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(others.items()))
+        print(f"split: left out {sum(others.values())} file(s) the loaders do not read: {counts}")
     if not classes:
         hint = (
             " (it looks split already: pass its train/ folder)" if (src / "train").is_dir() else ""
@@ -211,7 +214,7 @@ def split_folders(
     require_dir(src, "source folder")
     if dst.resolve().is_relative_to(src.resolve()):
         raise PrepareError(f"destination {dst} lies inside source {src}; choose one outside it")
-    classes = _class_files(src)
+    classes = _class_files(src, verbose)
 
     plan: dict[tuple[str, str], str] = {}
     counts: dict[str, tuple[int, int]] = {}

@@ -34,8 +34,8 @@ def load_launcher():
 
 def test_bench_data_alternates_and_writes_sane_figures(tmp_path, capsys):
     out = tmp_path / "data.json"
-    root = bench_data.make_jpegs(tmp_path / "set", images=24, size=(120, 90))
-    argv = ["data", "--root", str(root), "--prepared", "--workers", "1", "--batch", "4"]
+    argv = ["data", "--images", "24", "--size", "120", "90", "--prepared", "--workers", "1"]
+    argv += ["--batch", "4"]
     argv += ["--rounds", "2", "--batches", "2", "--out", str(out)]
     argv += [
         "--wait",
@@ -56,13 +56,18 @@ def test_bench_data_alternates_and_writes_sane_figures(tmp_path, capsys):
         assert r["images_per_s"]["median"] == pytest.approx(statistics.median(r["rounds"]))
         assert r["images_per_s"]["min"] == min(r["rounds"])
         assert r["per_core"] == pytest.approx(r["images_per_s"]["median"] / 1)
+        assert len(r["cpu_rounds"]) == 2 and all(v > 0 for v in r["cpu_rounds"])
+        assert r["cpu_ms_per_image"]["median"] == pytest.approx(statistics.median(r["cpu_rounds"]))
     for label in ("originals", "256x256 store"):
         dali = loaders[f"DALI, CPU decode | {label}"]["rounds"]
         torch_ = loaders[f"DataLoader, torchvision | {label}"]["rounds"]
         pairs = [a / b for a, b in zip(dali, torch_)]
-        assert result["ratio_dali_over_dataloader"][label]["median"] == pytest.approx(
-            statistics.median(pairs)
-        )
+        ratio = result["ratio_dali_over_dataloader"][label]
+        assert ratio["images_per_s"]["median"] == pytest.approx(statistics.median(pairs))
+        dali_cpu = loaders[f"DALI, CPU decode | {label}"]["cpu_rounds"]
+        torch_cpu = loaders[f"DataLoader, torchvision | {label}"]["cpu_rounds"]
+        pairs = [b / a for a, b in zip(dali_cpu, torch_cpu)]
+        assert ratio["cpu_per_image"]["median"] == pytest.approx(statistics.median(pairs))
     assert result["gather_bytes_per_rank_step"] == {
         "uint8": 2 * 3 * 224 * 224,
         "float32": 8 * 3 * 224 * 224,

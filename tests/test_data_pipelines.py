@@ -237,3 +237,20 @@ def test_a_file_dali_cannot_decode_is_named(tmp_path):
             dict(decode="cpu", resize=S, crop=C, patches="center"),
             [({}, [good, str(bad), good])],
         )
+
+
+@pytest.mark.gpu
+def test_normalisation_on_the_gpu_equals_the_cpu():
+    """The CUDA branch gathers the mean patches in one kernel; the CPU one slices: same values."""
+    rng = np.random.default_rng(0)
+    mean_image = rng.uniform(0, 255, (S, S, 3)).astype(np.float32)
+    patches = torch.from_numpy(rng.integers(0, 256, (16, 3, C, C), dtype=np.uint8))
+    inputs = draws(range(16), sigma=0.1)
+    mirror = inputs[pipelines.MIRROR].astype(bool)
+    out = [
+        augment.Normalizer(mean_image, np.array([1.0, 2.0, 3.0]), C, device).train(
+            patches, inputs["offsets"], mirror, inputs["shift"]
+        )
+        for device in ("cpu", "cuda")
+    ]
+    assert torch.equal(out[0], out[1].cpu())

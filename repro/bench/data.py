@@ -10,16 +10,19 @@ The contenders take turns, round by round (the first of a round rotates), so bac
 load on a shared machine falls on all of them alike. A round times `--batches` batches after
 one warm-up batch, from a fresh iterator; between rounds DALI's batches in flight are drained
 and the DataLoader's workers stopped, so no contender works while another is timed. Reported:
-the median images/s over the rounds with min-max, per core (images/s / workers), and the
-ratio DALI / DataLoader from each round's pair.
+the median images/s over the rounds with min-max, per core (images/s / workers), the CPU
+time per image (this process's threads and the DataLoader's workers over the timed batches:
+unlike images/s it hardly moves when other jobs share the cores), and the ratios DALI /
+DataLoader from each round's pair.
 
     python launch/bench.py data --workers 2                  # makes 256 JPEGs of 500x375 first
     python launch/bench.py data --prepared --workers 2       # ... and their 256x256 store
     python launch/bench.py data --root data/flowers --wait configs/flowers.yaml
-    python launch/bench.py data --wait configs/demo.yaml     # data-wait share of the demo's steps
+    python launch/bench.py data --root .cache/digits --wait configs/demo.yaml   # the demo
 
-`--wait CONFIG` trains CONFIG's net for a few steps on the DALI loader (the config's data, or
---root) and reports the share of each step spent waiting for the next batch.
+`--wait CONFIG` trains CONFIG's net (its model, data settings and batch) for a few steps on
+the DALI loader over the same folder and reports the share of each step spent waiting for
+the next batch (`--root .cache/digits --wait configs/demo.yaml`: the demo itself).
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ class DaliContender:
 
     kind = "DALI, CPU decode"
 
+    def worker_pids(self) -> list[int]:
+        return []  # DALI's threads are this process's
+
     def __init__(self, root: Path, workers: int, batch: int):
         cfg = DataConfig(root=str(root), threads=workers, decode="cpu", mean="image")
         with warnings.catch_warnings():
@@ -132,7 +138,7 @@ class DaliContender:
 
 
 class TorchContender:
-    """A torchvision DataLoader doing the same work; fresh workers every round."""
+    """A torchvision DataLoader doing the same work; its workers live for one round."""
 
     kind = "DataLoader, torchvision"
 
@@ -140,34 +146,69 @@ class TorchContender:
         paths, labels, _ = data.scan_class_folders(root / "train")
         dataset = AugmentedFiles(paths, labels, 256, 224, 0.1)
         self.make = lambda: torch.utils.data.DataLoader(
-            dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
-        )
+            dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+            persistent_workers=workers > 0,  # an epoch boundary inside a round: same workers
+        )  # fmt: skip
+        self.loader = None
+
+    def worker_pids(self) -> list[int]:
+        iterator = getattr(self.loader, "_iterator", None)
+        return [w.pid for w in getattr(iterator, "_workers", [])]
 
     @contextlib.contextmanager
     def round(self):
+        self.loader = self.make()
+
         def forever():
             while True:
-                yield from self.make()
+                yield from self.loader
 
         batches = forever()
         yield batches
-        batches.close()  # stops the workers: nothing runs while the next contender is timed
+        batches.close()
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:  # stop the workers: nothing runs while another is timed
+            iterator._shutdown_workers()
+        self.loader = None
 
 
-def _time_round(contender, batches: int) -> float:
-    """Images/s over `batches` batches after one warm-up batch (worker start, first decode)."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of this process, all its threads, and the live processes pids."""
+    times = os.times()
+    total = times.user + times.system
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _time_round(contender, batches: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over `batches` batches after one warm-up batch.
+
+    The CPU time counts this process (DALI's threads, the normalisation, the DataLoader's
+    collation) and the DataLoader's workers over the timed batches: unlike images/s it hardly
+    moves when other jobs load the machine.
+    """
     with contender.round() as it:
-        next(it)
-        start, images = time.perf_counter(), 0
+        next(it)  # warm-up: worker start, first decode
+        pids = contender.worker_pids()
+        start, cpu0, images = time.perf_counter(), _cpu_seconds(pids), 0
         for _, (x, _) in zip(range(batches), it):
             images += len(x)
-        return images / (time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu0
+        return images / wall, 1e3 * cpu / images
 
 
-def alternate(contenders: dict, rounds: int, batches: int) -> dict[str, list[float]]:
-    """{name: images/s of each round}; contenders take turns, the first rotating per round."""
+def alternate(contenders: dict, rounds: int, batches: int) -> dict[str, list[tuple]]:
+    """{name: (images/s, CPU ms per image) of each round}; contenders take turns, the first
+    rotating per round."""
     names = list(contenders)
-    figures: dict[str, list[float]] = {name: [] for name in names}
+    figures: dict[str, list[tuple]] = {name: [] for name in names}
     for r in tqdm(range(rounds), desc="rounds", unit="round"):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             figures[name].append(_time_round(contenders[name], batches))
@@ -181,8 +222,9 @@ def data_wait(config: str, root: str | None, steps: int, batch: int = 0) -> dict
     from repro.run.optim import build_optimizer
 
     cfg = load_config(config)
-    if root:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+    if root:  # a class-folder tree (train/<class>/...), whatever the config's source
+        data_cfg = dataclasses.replace(cfg.data, root=root, source="folders", val_labels="")
+        cfg = dataclasses.replace(cfg, data=data_cfg)
     if batch:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
     layout = single_process_layout(cfg.model.towers)
@@ -235,8 +277,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        made = not args.root
-        root = Path(args.root) if args.root else make_jpegs(tmp, args.images, tuple(args.size))
+        made_root = Path(tmp) / "originals"
+        root = (
+            Path(args.root) if args.root else make_jpegs(made_root, args.images, tuple(args.size))
+        )
         sets = {"originals": root}
         if args.prepared:
             from repro.data.store import resize_store
@@ -252,30 +296,41 @@ def run(args: argparse.Namespace) -> dict:
                 folder, args.workers, args.batch
             )
         figures = alternate(contenders, args.rounds, args.batches)
-        waits = [
-            data_wait(c, None if made else args.root, args.wait_steps, args.wait_batch)
-            for c in args.wait
-        ]
+        waits = [data_wait(c, str(root), args.wait_steps, args.wait_batch) for c in args.wait]
     return report(args, figures, waits)
 
 
-def report(args: argparse.Namespace, figures: dict[str, list[float]], waits: list[dict]) -> dict:
+def report(args: argparse.Namespace, figures: dict[str, list[tuple]], waits: list[dict]) -> dict:
     cores = min(args.workers, os.cpu_count() or 1)
     rows, results, ratios = [], {}, {}
     for name, per_round in figures.items():
-        s = kit.spread(per_round)
-        results[name] = {"images_per_s": s, "per_core": s["median"] / cores, "rounds": per_round}
+        speed, cpu = [r[0] for r in per_round], [r[1] for r in per_round]
+        s, c = kit.spread(speed), kit.spread(cpu)
+        results[name] = {
+            "images_per_s": s,
+            "per_core": s["median"] / cores,
+            "rounds": speed,
+            "cpu_ms_per_image": c,
+            "cpu_rounds": cpu,
+        }
         rows.append([name, args.workers, args.batch, f"{s['median']:.0f}",
-                     f"{s['min']:.0f}-{s['max']:.0f}", f"{s['median'] / cores:.0f}"])  # fmt: skip
+                     f"{s['min']:.0f}-{s['max']:.0f}", f"{s['median'] / cores:.0f}",
+                     f"{c['median']:.2f}", f"{c['min']:.2f}-{c['max']:.2f}"])  # fmt: skip
     for name in figures:
         if name.startswith(DaliContender.kind):
             other = name.replace(DaliContender.kind, TorchContender.kind)
-            pairs = [a / b for a, b in zip(figures[name], figures[other])]
-            ratios[name.split(" | ")[1]] = kit.spread(pairs)
-    kit.print_table(["loader | data", "workers", "batch", "images/s", "min-max", "per core"], rows)
-    for label, s in ratios.items():
+            label = name.split(" | ")[1]
+            speed = [a[0] / b[0] for a, b in zip(figures[name], figures[other])]
+            cpu = [b[1] / a[1] for a, b in zip(figures[name], figures[other])]
+            ratios[label] = {"images_per_s": kit.spread(speed), "cpu_per_image": kit.spread(cpu)}
+    header = ["loader | data", "workers", "batch", "images/s", "min-max", "per core"]
+    kit.print_table([*header, "CPU ms/img", "min-max"], rows)
+    for label, r in ratios.items():
+        s, c = r["images_per_s"], r["cpu_per_image"]
         print(
-            f"DALI / DataLoader on {label}: {s['median']:.2f}x (rounds {s['min']:.2f}-{s['max']:.2f})"
+            f"DALI / DataLoader on {label}: {s['median']:.2f}x images/s (rounds "
+            f"{s['min']:.2f}-{s['max']:.2f}); {c['median']:.2f}x less CPU per image "
+            f"(rounds {c['min']:.2f}-{c['max']:.2f})"
         )
     crop = 224
     gathered = args.batch // 2 * 3 * crop * crop  # what a tower rank receives per step

@@ -228,6 +228,7 @@ class WandbTracker(Tracker):
                 self._fail("start", e)
                 return
             try:
+                wandb.teardown()  # its service still holds the failed run's id ("in use")
                 self._run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **start)
             except Exception:
                 self._fail("start", e)
@@ -238,7 +239,7 @@ class WandbTracker(Tracker):
                 f"repro: wandb could not start online with {host} (gave up after "
                 f"{time.monotonic() - began:.0f} s, wandb.start_timeout_s="
                 f"{cfg.start_timeout_s:g}: {type(e).__name__}: "
-                f"{' '.join(str(e).split())[:160]}); recording offline in {run_dir}/wandb: "
+                f"{str(e).strip().splitlines()[0][:160]}); recording offline in {run_dir}/wandb: "
                 f"upload it later with `wandb sync {run_dir}/wandb/offline-run-*`",
                 file=sys.stderr,
                 flush=True,

@@ -36,6 +36,7 @@ from repro.net.parallel import average_gradients, gather_named_tensors
 from repro.run import agree, faults
 from repro.run import checkpoint as ckpt
 from repro.run.evaluate import evaluate
+from repro.run.faults import TrainingError
 from repro.run.optim import (
     build_optimizer,
     build_schedule,
@@ -48,14 +49,9 @@ from repro.run.optim import (
     step_schedule,
 )
 from repro.run.plots import figure3_image, plot_curves
-from repro.run.rundir import claim, continues_this_folder
 from repro.run.tracking import make_tracker, run_name
 
 KEEP_EPOCH_CHECKPOINTS = 3
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, data that does not fit the model)."""
 
 
 @dataclass
@@ -132,27 +128,9 @@ class Run:
 
 
 def train(cfg: Config, layout: Layout) -> dict:
-    """Claim the run folder, run the epochs, and turn faults of the machine into one line."""
-    faults.watch_launcher()  # under torchrun: a dead launcher becomes a stop request
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    continuing = continues_this_folder(cfg.train.resume, Path(cfg.train.run_dir), restarted)
-    lock = agree.on_main(
-        lambda: claim(cfg.train.run_dir, continuing, cfg.train.overwrite, _say_now), layout
-    )
-    try:
-        return run_epochs(cfg, layout)
-    except (OSError, RuntimeError) as err:
-        message = faults.describe(err, cfg, layout.is_main)
-        if message is None:
-            raise
-        raise TrainingError(message) from None
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _say_now(message: str) -> None:
-    print(message, flush=True)
+    """The run in its folder (claimed for it, rank 0's lock held throughout), with a dead
+    launcher turned into a stop and faults of the machine into one line (faults.guarded)."""
+    return faults.guarded(cfg, layout, lambda: run_epochs(cfg, layout))
 
 
 def run_epochs(cfg: Config, layout: Layout) -> dict:

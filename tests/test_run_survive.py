@@ -112,11 +112,11 @@ def test_stop_in_validation_checkpoint_write_and_ten_patch_resumes_to_the_same_r
         ("save", again, "stop requested; checkpoint"),
         ("10-patch", again, "stop requested during the 10-patch evaluation; checkpoint"),
     ):
-        began = time.time()
         result = launch(
             *TORCHRUN, *INJECT, *args(stopped, digits, *resumed), inject=f"stop@{where}"
         )
-        assert time.time() - began < 60  # within torchrun's 30 s grace, start-up included
+        # torchrun SIGKILLs workers 30 s after forwarding SIGTERM: the line and a complete
+        # checkpoint show they ended within that grace period.
         (line,) = said(result, "repro: stop requested")
         assert line.startswith(f"repro: {message}"), line
         latest = Path(line.split("checkpoint ")[1].split(" at step")[0])

@@ -7,8 +7,9 @@
 Images are prepared as evaluation prepares them (shorter side to data.resize, central square,
 the run's mean image subtracted) and scored on the centre patch, or on the softmax averaged
 over the 10 patches of §4.1. Folders are searched for *.jpg, *.jpeg, *.png (recursively).
---plot DIR writes DIR/<image stem>.png per image (a repeated stem gets _2, _3...): the image
-beside a bar chart of its top-k.
+--plot DIR writes DIR/<image stem>.png per image (a repeated stem gets _2, _3...): the patch
+the net saw (or its 10 patches) beside a bar chart of its top-k, titled with the checkpoint,
+its step and the patch mode; the command says where it wrote them.
 Exit codes: 0 every image predicted; 1 some images were unreadable (each named on stderr,
 the rest still predicted); 2 a bad input (missing or foreign checkpoint, an empty folder, a
 --plot folder not writable).

@@ -151,6 +151,9 @@ class TrainConfig:
     """Original code: colour noise switched off from this epoch on (0: never)."""
     deterministic: bool = False
     """Deterministic kernels (for step-by-step comparisons between layouts)."""
+    overwrite: bool = False
+    """A fresh run into a run_dir that holds another run: refused unless true; then the old run
+    is moved aside to <run_dir>.replaced-<time> (never deleted)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class WandbConfig:
     name: str = ""
     """Run name; '' uses the run folder's name."""
     tags: tuple[str, ...] = ()
+    start_timeout_s: float = 30.0
+    """Longest wait for wandb's server at start (online); past it the run is recorded offline.
+    The other ranks wait this long plus train.dist_timeout_s for rank 0 to start wandb."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,7 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.freeze_conv1_from_epoch", lambda v: v >= 0, ">= 0 (0: never)"),
     ("train.lighting_off_from_epoch", lambda v: v >= 0, ">= 0 (0: never)"),
     ("wandb.tags", lambda v: all(t != "" for t in v), "non-empty strings"),
+    ("wandb.start_timeout_s", lambda v: v > 0, "> 0"),
 )
 
 
@@ -417,8 +424,14 @@ def _type_name(tp: Any) -> str:
     return tp.__name__
 
 
-def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+def _describe(value: Any, limit: int = 60) -> str:
+    """`type value` for a message; a long value is cut (a whole file read as one string)."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > limit:
+        text = f"{text[: limit - 3]}... ({len(text)} characters)"
+    return f"{type(value).__name__} {text}"
 
 
 def _convert(section: str, key: str, value: Any, origin: str) -> Any:
@@ -509,39 +522,45 @@ def _apply(
             origins[f"{section}.{key}"] = origin
 
 
-def _read_yaml(path: Path) -> dict[Any, Any]:
+def _read_yaml(path: Path, named_by: Path | None = None) -> dict[Any, Any]:
+    """The mapping in a config file; `named_by`: the file whose `base:` names this one."""
+    via = f" (named by `base:` in {named_by})" if named_by else ""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}{via}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a config file (not UTF-8 text){via}") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         line = f", line {e.problem_mark.line + 1}" if e.problem_mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML: {e.problem or e}") from None
+        raise ConfigError(f"{path}{line}: not valid YAML: {e.problem or e}{via}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_describe(str(e))}{via}") from None
     if data is None:  # an empty file: all defaults
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: a config file must be a mapping of sections ({', '.join(SECTIONS)}), "
-            f"got {_describe(data)}"
+            f"{path}: not a config file: it must be a mapping of sections "
+            f"({', '.join(SECTIONS)}), got {_describe(data)}{via}"
         )
     return data
 
 
-def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[Any, Any]]]:
+def _file_chain(
+    path: Path, seen: tuple[Path, ...] = (), named_by: Path | None = None
+) -> list[tuple[str, dict[Any, Any]]]:
     """[(origin, layer)] for `path` and its bases, the deepest base first."""
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise ConfigError(f"{path}: `base` chain loops back on itself: {chain}")
-    data = _read_yaml(path)
+    data = _read_yaml(path, named_by)
     base = data.pop(BASE_KEY, None)
     layers: list[tuple[str, dict[Any, Any]]] = []
     if isinstance(base, str) and base.strip().lower() not in ("", "none"):
-        layers = _file_chain(path.parent / base, (*seen, resolved))
+        layers = _file_chain(path.parent / base, (*seen, resolved), path)
     elif base is not None and not isinstance(base, str):
         raise ConfigError(
             f"{path}: base: expected a file name relative to this file, got {_describe(base)}"

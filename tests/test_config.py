@@ -242,6 +242,23 @@ def test_base_errors_name_the_file(tmp_path: Path) -> None:
         load_config(tmp_path / "d.yaml")
 
 
+def test_a_base_that_is_not_a_config_is_one_short_line(tmp_path: Path) -> None:
+    """Notes, a script or a binary named by `base:`: one line naming both files, the file's
+    text cut short (it used to print the whole file)."""
+    notes = "These are my notes about the run, not a config.\n" * 200
+    write(tmp_path / "notes.txt", notes)
+    (tmp_path / "tool.bin").write_bytes(bytes(range(256)) * 8)
+    for base, needle in (("notes.txt", "not a config file: it must be a mapping"),
+                         ("tool.bin", "not a config file (not UTF-8 text)")):  # fmt: skip
+        write(tmp_path / "run.yaml", f"base: {base}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / "run.yaml")
+        message = str(info.value)
+        assert needle in message and message.startswith(str(tmp_path / base))
+        assert message.endswith(f"(named by `base:` in {tmp_path / 'run.yaml'})")
+        assert "\n" not in message and len(message) < 400, message
+
+
 def test_validate_for_layout_checks_replicas_times_towers() -> None:
     cfg = load_config(None, [*ROOT, "train.batch_size=128"])
     validate_for_layout(cfg, replicas=4)  # 128 = 4 replicas x 2 towers x 16

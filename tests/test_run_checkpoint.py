@@ -1,6 +1,7 @@
 """Checkpoints: a round trip restores tensors, optimizer and random state; a write killed
 half-way leaves the previous file loadable; every unusable file is a one-line CheckpointError;
-`latest` and retention pick files by the step in their names."""
+`latest` picks the highest step recorded inside the files (not names, not file times);
+retention keeps the highest steps; differing class names are named."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ from repro.config import Config, config_to_dict
 from repro.run.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    CheckpointWarning,
     best_path,
+    check_class_names,
     checkpoint_path,
     last_path,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    recorded_position,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -176,21 +180,61 @@ def touch(path: Path, mtime: float) -> Path:
     return path
 
 
-def test_latest_checkpoint_orders_by_step_number(tmp_path: Path) -> None:
+def saved(path: Path, step: int, epoch: int, mtime: float) -> Path:
+    """A real (small) checkpoint recording `step` and `epoch`, its file time set to `mtime`."""
+    save_checkpoint(path, {**make_state(step=step), "epoch": epoch})
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_latest_checkpoint_is_the_highest_recorded_step(tmp_path: Path) -> None:
+    """`latest` reads the step inside each file: names and file times can lie (a `cp -r`,
+    a rename, a `touch`)."""
     assert latest_checkpoint(tmp_path) is None
     # The step outgrows its zero padding: a string sort would pick step 999999.
-    touch(checkpoint_path(tmp_path, 1, 999_999), 3000)
-    newest = touch(checkpoint_path(tmp_path, 2, 1_000_500), 1000)
-    touch(checkpoint_path(tmp_path, 0, 500), 5000)
-    touch(best_path(tmp_path), 9000)  # best is never "latest"
+    saved(checkpoint_path(tmp_path, 1, 999_999), 999_999, 1, 3000)
+    newest = saved(checkpoint_path(tmp_path, 2, 1_000_500), 1_000_500, 2, 1000)
+    saved(checkpoint_path(tmp_path, 0, 500), 500, 0, 5000)
+    saved(best_path(tmp_path), 2_000_000, 9, 9000)  # best is never "latest"
     touch(tmp_path / "checkpoints" / ".epoch0003_step2000000.pt.tmp-123", 9000)
     assert newest.name == "epoch0002_step1000500.pt"
     assert latest_checkpoint(tmp_path) == newest
 
-    last = touch(last_path(tmp_path), 500)  # an old stop request: the step file is newer
-    assert latest_checkpoint(tmp_path) == newest
-    os.utime(last, (2000, 2000))  # a stop request after the newest epoch checkpoint
-    assert latest_checkpoint(tmp_path) == last
+    # After `cp -r` the copy's times are arbitrary: a stale last.pt (step 23) is the newest
+    # file, an epoch checkpoint (step 66) the oldest. The steps inside decide.
+    copy = tmp_path / "copy"
+    saved(checkpoint_path(copy, 3, 66), 66, 3, 1000)
+    saved(last_path(copy), 23, 1, 9000)
+    assert latest_checkpoint(copy) == checkpoint_path(copy, 3, 66)
+    later = saved(last_path(copy), 70, 3, 10)  # a stop request after it, however old its time
+    assert latest_checkpoint(copy) == later
+    # A tie: last.pt written when a stop came during epoch 3's validation (epoch 2 still
+    # open) and the epoch checkpoint written once that validation was done: the latter.
+    saved(last_path(copy), 66, 2, 9000)
+    assert latest_checkpoint(copy) == checkpoint_path(copy, 3, 66)
+    saved(last_path(copy), 66, 3, 9000)  # the same position: the epoch checkpoint still wins
+    assert latest_checkpoint(copy) == checkpoint_path(copy, 3, 66)
+
+
+def test_latest_passes_over_an_unreadable_candidate_with_a_warning(tmp_path: Path) -> None:
+    good = saved(checkpoint_path(tmp_path, 1, 10), 10, 1, 1000)
+    touch(checkpoint_path(tmp_path, 2, 20), 2000)  # not a checkpoint at all
+    with pytest.warns(CheckpointWarning, match="epoch0002_step000020.pt"):
+        assert latest_checkpoint(tmp_path) == good
+    assert recorded_position(good) == (10, 1)
+
+
+def test_class_names_that_differ_are_named() -> None:
+    check_class_names("c.pt", ["ant", "bee", "cat"], ["ant", "bee", "cat"])
+    check_class_names("c.pt", None, ["ant"])  # a checkpoint without names is not checked
+    with pytest.raises(CheckpointError) as info:
+        check_class_names("c.pt", ["ant", "bee", "cat", "dog"], ["ant", "cat", "bee", "dog"])
+    message = str(info.value)
+    assert "class 1 is 'bee' in the checkpoint but 'cat' in the data" in message
+    assert "class 2 is 'cat' in the checkpoint but 'bee' in the data" in message
+    assert "dog" not in message and "\n" not in message
+    with pytest.raises(CheckpointError, match="the checkpoint has 2 classes, the data 3"):
+        check_class_names("c.pt", ["a", "b"], ["a", "b", "c"])
 
 
 def test_retention_keeps_the_newest_and_best(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
-"""Plots: the curves PNG is written at the figure's size; the Figure 3 kernel grid has the size
-its arithmetic says, puts tower 0's kernels in the top block and tower 1's below a gap, and
-contrast-normalises each kernel on its own."""
+"""Plots: the curves PNG is written at the figure's size, titled with the run's name, with the
+final 10-patch errors as points; the Figure 3 kernel grid has the size its arithmetic says,
+puts tower 0's kernels in the top block and tower 1's below a gap, and contrast-normalises
+each kernel on its own; Figure 3 as drawn places each tower's grid unresampled under its
+label, with that tower's colour specificity under it."""
 
 from __future__ import annotations
 
@@ -12,8 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from repro.run.plots import kernel_grid, plot_curves, save_png
-from repro.run.tracking import LOSS, LR, TOP1, TOP5
+from repro.run.plots import (
+    KERNEL_SCALE,
+    colour_specificity,
+    curves_figure,
+    figure3,
+    figure3_block_origin,
+    figure3_image,
+    kernel_grid,
+    plot_curves,
+    save_png,
+)
+from repro.run.tracking import LOSS, LR, TEN_TOP1, TEN_TOP5, TOP1, TOP5
 
 
 def test_plot_curves_writes_a_png(tmp_path: Path) -> None:
@@ -31,6 +43,48 @@ def test_plot_curves_writes_a_png(tmp_path: Path) -> None:
         pixels = np.asarray(im.convert("RGB"))
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     assert red.sum() > 50, "the top-1 curve (tab:red) was drawn"
+
+
+def test_curves_carry_the_run_name_and_the_ten_patch_point() -> None:
+    rows = [{"step": s, LOSS: 2.0 - s / 100, LR: 0.01} for s in range(1, 45)]
+    rows += [{"step": 22, TOP1: 57.7, TOP5: 10.6}, {"step": 44, TOP1: 43.2, TOP5: 4.5}]
+    rows += [{"step": 44, TEN_TOP1: 44.29, TEN_TOP5: 3.9}]
+    fig = curves_figure(rows, "demo-2ranks")
+    assert fig.get_suptitle() == "run demo-2ranks"
+    ax_err = fig.axes[1]
+    lines = {line.get_label(): line for line in ax_err.get_lines()}
+    star = lines["top-1, 10 patches: 44.29%"]
+    assert star.get_marker() == "*" and list(star.get_xdata()) == [44]
+    assert list(star.get_ydata()) == [44.29]
+    assert list(lines["top-5, 10 patches: 3.90%"].get_ydata()) == [3.9]
+    assert list(lines["top-1 (centre patch)"].get_ydata()) == [57.7, 43.2]
+    legend = [t.get_text() for t in ax_err.get_legend().get_texts()]
+    assert "top-1, 10 patches: 44.29%" in legend
+    no_ten = curves_figure(rows[:-1], "x").axes[1]  # before the 10-patch evaluation: no star
+    assert all(line.get_marker() != "*" for line in no_ten.get_lines())
+
+
+def test_figure3_blocks_labels_scores_and_title() -> None:
+    """Each tower's block is kernel_grid of its 48 kernels, unresampled, with its label above
+    it and its colour-specificity score (the mean over its kernels) below it."""
+    w = torch.randn(96, 3, 11, 11)
+    w[:48] = w[:48, :1].expand(48, 3, 11, 11)  # tower 0: grey kernels, score 0
+    fig = figure3(w, 2, "runs/demo/checkpoints/best.pt, step 660")
+    texts = [t.get_text() for t in fig.texts]
+    assert texts[:2] == ["conv1 kernels (Figure 3)", "runs/demo/checkpoints/best.pt, step 660"]
+    scores = colour_specificity(w).view(2, 48).mean(dim=1)
+    assert f"colour specificity {float(scores[0]):.3f}" in texts[3] and scores[0] < 1e-6
+    assert f"colour specificity {float(scores[1]):.3f}" in texts[5] and scores[1] > 0.5
+    assert texts[2].startswith("tower 0 (the paper's GPU 1): 48 kernels 11x11x3")
+    assert texts[4].startswith("tower 1 (the paper's GPU 2)")
+    picture = figure3_image(w, 2, "x")
+    for tower in (0, 1):
+        block = kernel_grid(w[48 * tower : 48 * (tower + 1)], 1, scale=KERNEL_SCALE)
+        assert block.shape == (3 * 12 * 5 + 5, 16 * 12 * 5 + 5, 3)  # 3 rows of 16, 5x larger
+        (h, bw), (left, top) = block.shape[:2], figure3_block_origin(tower, block.shape[0])
+        assert np.array_equal(picture[top : top + h, left : left + bw], block), tower
+    long = figure3(w, 2, "/very/long/" * 40 + "best.pt, step 660").texts[1].get_text()
+    assert long.startswith("...") and long.endswith("best.pt, step 660") and len(long) < 140
 
 
 def test_plot_curves_on_an_empty_file(tmp_path: Path) -> None:

@@ -24,19 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [str(ROOT / "launch" / "train.py"), str(ROOT / "configs" / "demo.yaml")]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The demo's data set, written once for this module (scikit-learn's bundled digits)."""
-    from repro.config import DataConfig
-    from repro.data.convert import write_digits
-    from repro.data.stats import compute_stats
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root, val_fraction=DataConfig().val_fraction, seed=0, progress=False)
-    compute_stats(root, resize=72, progress=False)
-    return root
-
-
 def env() -> dict:
     e = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     e.pop("WANDB_API_KEY", None)

@@ -46,8 +46,8 @@ from repro.data.stats import compute_stats
 from repro.net.dist import single_process_layout
 from repro.net.model import AlexNet
 from repro.run.checkpoint import FORMAT_VERSION, save_checkpoint
-from repro.run.plots import kernel_grid
-from repro.tools.predict import PLOT_DPI, PLOT_SIZE
+from repro.run.plots import KERNEL_SCALE, figure3_block_origin, kernel_grid
+from repro.tools.predict import PLOT_DPI, PLOT_SIZE, patch_picture
 from repro.tools.report import figure_inches
 from repro.tools.visualize import DPI, activation_figsize, colour_specificity
 
@@ -292,6 +292,7 @@ def test_predict_probabilities_unreadable_files_and_plots(setup):
             round(PLOT_SIZE[0] * PLOT_DPI),
             round(PLOT_SIZE[1] * PLOT_DPI),
         )
+    assert f"wrote {len(by_path)} plot(s) to {plots}/" in result.stderr  # stdout is the JSON
 
 
 def test_predict_ten_patches_and_table(setup):
@@ -320,6 +321,19 @@ def test_predict_ten_patches_and_table(setup):
     assert len(table.stdout.splitlines()) == 1 + 3  # top-5 of 3 classes shows all 3
 
 
+def test_predict_plot_shows_the_patches_the_net_saw():
+    """One patch as it is; the 10 patches of §4.1 as 2 rows of 5 (mirrors below), 2 px apart."""
+    views = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 3, 4, 4) * 20  # view i: grey 20*i
+    one = patch_picture(views[:1])
+    assert one.shape == (4, 4, 3) and (one == 0).all()
+    ten = patch_picture(views)
+    assert ten.shape == (2 * 4 + 2, 5 * 4 + 4 * 2, 3)
+    for i in range(10):
+        r, k = divmod(i, 5)
+        assert (ten[r * 6 : r * 6 + 4, k * 6 : k * 6 + 4] == 20 * i).all(), i
+    assert (ten[4:6] == 255).all() and (ten[:, 4:6] == 255).all()  # white gaps
+
+
 def test_colour_specificity_definition():
     k = torch.randn(1, 1, 11, 11)
     grey = k.expand(1, 3, 11, 11)  # the same in R, G, B: luminance only
@@ -335,8 +349,16 @@ def test_visualize_kernels_png_and_score(setup):
     assert result.returncode == 0, result.stderr
     conv1 = setup["model"].grouped_state_dict()["conv1.weight"]  # (16, 3, 11, 11)
     with Image.open(out) as im:
-        assert np.array_equal(np.asarray(im.convert("RGB")), kernel_grid(conv1, 2))
+        picture = np.asarray(im.convert("RGB"))
+    for tower in (0, 1):  # Figure 3: each tower's block is exactly kernel_grid of its kernels
+        block = kernel_grid(conv1[8 * tower : 8 * (tower + 1)], 1, scale=KERNEL_SCALE)
+        (h, w), (left, top) = block.shape[:2], figure3_block_origin(tower, block.shape[0])
+        assert np.array_equal(picture[top : top + h, left : left + w], block), tower
+        # a label above the block and the score under it: dark text pixels in both strips
+        assert (picture[top - 20 : top - 2, left : left + w] < 100).any(axis=2).sum() > 50
+        assert (picture[top + h + 4 : top + h + 22, left : left + w] < 100).any(axis=2).sum() > 50
     report = json.loads(out.with_suffix(".json").read_text())
+    assert report["step"] == 9 and f"{out}" in result.stdout
     u = np.ones(3) / np.sqrt(3)  # the grey direction
     for tower in (0, 1):
         w = conv1[8 * tower : 8 * (tower + 1)].double().numpy()  # (8, 3, 11, 11)

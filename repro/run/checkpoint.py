@@ -33,6 +33,7 @@ import pickle
 import random
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ STEP_NAME = re.compile(r"epoch(\d+)_step(\d+)\.pt")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, corrupt or not ours."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was passed over (unreadable), and the run goes on without it."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -147,6 +152,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def check_class_names(path: str | Path, saved: Sequence[str] | None, data: Sequence[str]) -> None:
+    """CheckpointError naming the first differences if the checkpoint's classes are not the data's.
+
+    Same count, other names (a renamed or swapped class folder) would silently change what
+    every label index means on resume. A checkpoint without class names is not checked.
+    """
+    if saved is None:
+        return
+    saved, data = list(saved), list(data)
+    if saved == data:
+        return
+    diffs = [
+        f"class {i} is {a!r} in the checkpoint but {b!r} in the data"
+        for i, (a, b) in enumerate(zip(saved, data))
+        if a != b
+    ]
+    if len(saved) != len(data):
+        diffs.append(f"the checkpoint has {len(saved)} classes, the data {len(data)}")
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise CheckpointError(
+        f"{path}: trained on other classes than the data holds: {'; '.join(diffs[:3])}{more}; "
+        "resume on the data it was trained on, or start a fresh run without train.resume"
+    )
+
+
 def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """[(step, path)] of the run's epochNNNN_stepNNNNNN.pt files, oldest step first."""
     folder = checkpoint_dir(run_dir)
@@ -158,19 +188,45 @@ def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def recorded_position(path: str | Path) -> tuple[int, int]:
+    """(step, epoch) as written inside the checkpoint at `path`, or CheckpointError.
+
+    The file is memory-mapped, so its tensors are not read: cheap even for the paper's
+    500 MB checkpoints. The position inside the file is the truth; names and file times
+    are not (a copy, `cp -r` or `touch` changes times, a rename changes names).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"]), int(state["epoch"])
+    except Exception as e:  # unreadable, truncated, foreign: one line, as load_checkpoint
+        raise CheckpointError(f"{path}: {_why_unreadable(e)}") from None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """What `train.resume: latest` resumes from, or None in a fresh run folder.
 
-    The step checkpoint with the highest step in its name; `last.pt` (written on a stop
-    request, usually mid-epoch) wins when it was written after that one. `best.pt` is never
-    "latest": it is an older state kept for evaluation.
+    Among the epoch checkpoints and `last.pt` (never `best.pt`: an older state kept for
+    evaluation), the one whose recorded (step, epoch) is highest; at a tie an epoch
+    checkpoint wins over `last.pt` (the same state, and its validation is done). A candidate
+    that cannot be read is skipped with a warning naming it.
     """
-    steps = step_checkpoints(run_dir)
-    newest = steps[-1][1] if steps else None
-    last = last_path(run_dir)
-    if last.is_file() and (newest is None or last.stat().st_mtime >= newest.stat().st_mtime):
-        return last
-    return newest
+    candidates = [p for _, p in step_checkpoints(run_dir)]
+    if last_path(run_dir).is_file():
+        candidates.append(last_path(run_dir))
+    ranked = []
+    for path in candidates:
+        try:
+            step, epoch = recorded_position(path)
+        except CheckpointError as e:
+            warnings.warn(
+                f"passed over by train.resume=latest: {e}", CheckpointWarning, stacklevel=2
+            )
+            continue
+        ranked.append(((step, epoch, path.name != "last.pt"), path))
+    return max(ranked)[1] if ranked else None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:

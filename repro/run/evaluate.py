@@ -10,13 +10,14 @@ rank returns the figures of the whole validation set.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from repro.net.dist import Layout
+from repro.run.agree import any_rank
 
 VIEWS = {"center": 1, "ten": 10}
 
@@ -37,12 +38,19 @@ def evaluate(
     patches: str = "center",
     autocast=None,
     progress=None,
-) -> dict:
+    stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """Top-1/top-5 error, per-class accuracy, the confusion matrix and the loss over the whole set.
 
     `autocast` is a zero-argument callable returning a context manager (bf16 on GPU).
     Every rank of a replica runs the same batches (its towers need each other); `progress`
     (a tqdm-like object or None) is advanced by the number of images.
+
+    `stop`: this rank's stop flag (a signal handler's). It is read before each batch and
+    agreed over all ranks (one all-reduce of one number per batch, on the batches every
+    replica has: shards may differ by one batch); when any rank's flag is up, every rank
+    returns None at the same batch. A validation pass on ImageNet takes minutes, longer
+    than a launcher's grace period after SIGTERM.
     """
     if patches not in VIEWS:
         raise ValueError(f"patches must be one of {sorted(VIEWS)}, got {patches!r}")
@@ -54,7 +62,11 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     top_k_hits = torch.zeros((), dtype=torch.float64)
     nll = torch.zeros((), dtype=torch.float64)  # sum of -log p(true class), p as averaged
-    for images, labels in batches:
+    checked = _batches_on_every_rank(batches, layout) if stop is not None else 0
+    for i, (images, labels) in enumerate(batches):
+        if i < checked and any_rank(stop(), layout):
+            model.train(was_training)
+            return None
         probs = class_probabilities(model, images, views, autocast)
         labels = labels.view(-1).to(probs.device)
         if probs.shape[0] != labels.shape[0]:
@@ -80,6 +92,14 @@ def evaluate(
     # The validation loss (cross-entropy of the averaged softmax), per image.
     result["loss"] = nll.item() / result["images"]
     return result
+
+
+def _batches_on_every_rank(batches: Iterable, layout: Layout) -> int:
+    """The number of batches that every rank's shard has (the fewest over all ranks)."""
+    n = torch.tensor([len(batches)], device=layout.device)  # type: ignore[arg-type]
+    if layout.distributed:
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return int(n.item())
 
 
 def _no_autocast():

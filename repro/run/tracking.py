@@ -3,7 +3,9 @@
 The loop calls `tracker.log(...)` on every rank; make_tracker gives rank 0 the real trackers
 and every other rank the null one, so there is no `if rank == 0` in the loop. wandb is
 optional at run time: if it fails to start or to log, the run goes on with ONE warning and
-metrics.jsonl still records everything.
+metrics.jsonl still records everything. An online start waits at most `wandb.start_timeout_s`
+for the server; past it (no network, a server that does not answer) the run is recorded
+offline instead, with one line saying so.
 
 wandb mode 'auto' is online when an API key is configured (WANDB_API_KEY, or a netrc entry for
 the wandb host; checked without network), else offline: the run is recorded under
@@ -18,6 +20,8 @@ import netrc
 import os
 import re
 import secrets
+import sys
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +42,9 @@ IMAGES_PER_S = "images_per_s"
 TOP1 = "top1_error"
 """Validation top-1 error in percent (the paper's unit: 40.7)."""
 TOP5 = "top5_error"
+TEN_TOP1 = "ten_patch_top1_error"
+"""The final 10-patch evaluation's top-1 error in percent (§4.1)."""
+TEN_TOP5 = "ten_patch_top5_error"
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
@@ -166,6 +173,11 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_api_key() else "offline"
 
 
+def run_name(cfg: WandbConfig, run_dir: str | Path) -> str:
+    """The run's name: wandb.name, else WANDB_NAME, else the run folder's name."""
+    return cfg.name or os.environ.get("WANDB_NAME") or Path(run_dir).resolve().name
+
+
 class WandbTracker(Tracker):
     """A wandb run writing under run_dir/wandb; after any failure, a null tracker.
 
@@ -192,21 +204,46 @@ class WandbTracker(Tracker):
 
             self._wandb = wandb
             (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-            self._run = wandb.init(
+            start = dict(
                 project=cfg.project or None,
                 entity=cfg.entity or None,
-                name=cfg.name or os.environ.get("WANDB_NAME") or run_dir.resolve().name,
+                name=run_name(cfg, run_dir),
                 tags=list(cfg.tags) or None,
-                mode=self.mode,
                 dir=str(run_dir),
                 config=dict(config),
                 id=self._run_id(run_dir, resume),
                 resume="allow" if resume else None,
-                # wandb's banners and hints would fill the console of every run.
-                settings=wandb.Settings(silent=True, quiet=True),
             )
-        except Exception as e:  # no network, bad key, full disk: the run must go on
+            # wandb's banners and hints would fill the console of every run; init_timeout
+            # bounds the wait for its server (wandb's own default is 90 s).
+            settings = dict(silent=True, quiet=True, init_timeout=cfg.start_timeout_s)
+        except Exception as e:  # no wandb, a full disk: the run must go on
             self._fail("start", e)
+            return
+        began = time.monotonic()
+        try:
+            self._run = wandb.init(mode=self.mode, settings=wandb.Settings(**settings), **start)
+        except Exception as e:  # no network, bad key: record offline, for a later `wandb sync`
+            if self.mode != "online":
+                self._fail("start", e)
+                return
+            try:
+                wandb.teardown()  # its service still holds the failed run's id ("in use")
+                self._run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **start)
+            except Exception:
+                self._fail("start", e)
+                return
+            self.mode = "offline"
+            host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            print(
+                f"repro: wandb could not start online with {host} (gave up after "
+                f"{time.monotonic() - began:.0f} s, wandb.start_timeout_s="
+                f"{cfg.start_timeout_s:g}: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:160]}); recording offline in {run_dir}/wandb: "
+                f"upload it later with `wandb sync {run_dir}/wandb/offline-run-*`",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @staticmethod
     def _run_id(run_dir: Path, resume: bool) -> str:

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,10 @@ from repro.data.loaders import build_eval_loader, build_train_loader
 from repro.net.dist import Layout, init_distributed, teardown
 from repro.net.model import AlexNet
 from repro.net.parallel import average_gradients, gather_named_tensors
+from repro.run import agree, faults
 from repro.run import checkpoint as ckpt
 from repro.run.evaluate import evaluate
+from repro.run.faults import TrainingError
 from repro.run.optim import (
     build_optimizer,
     build_schedule,
@@ -45,14 +48,10 @@ from repro.run.optim import (
     schedule_state,
     step_schedule,
 )
-from repro.run.plots import kernel_grid, plot_curves
-from repro.run.tracking import make_tracker
+from repro.run.plots import figure3_image, plot_curves
+from repro.run.tracking import make_tracker, run_name
 
 KEEP_EPOCH_CHECKPOINTS = 3
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, data that does not fit the model)."""
 
 
 @dataclass
@@ -129,38 +128,63 @@ class Run:
 
 
 def train(cfg: Config, layout: Layout) -> dict:
-    """The run, top to bottom: start (or resume), epochs, the final 10-patch evaluation."""
+    """The run in its folder (claimed for it, rank 0's lock held throughout), with a dead
+    launcher turned into a stop and faults of the machine into one line (faults.guarded)."""
+    return faults.guarded(cfg, layout, lambda: run_epochs(cfg, layout))
+
+
+def run_epochs(cfg: Config, layout: Layout) -> dict:
+    """The run, top to bottom: start (or resume), epochs, the final 10-patch evaluation.
+
+    A stop request (SIGTERM/SIGINT, or the launcher's death) is honoured wherever it
+    arrives: during training steps (train_epoch checks it), during validation and the
+    10-patch evaluation (checked between batches), and during a checkpoint write (which
+    completes; the run stops after it). Every exit leaves a checkpoint from which
+    `train.resume=latest` goes on to the result the uninterrupted run would have reached.
+    """
     run = start(cfg, layout)
     resumed = resume(run)
     if layout.is_main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / "config.yaml")
-    run.tracker = make_tracker(
-        cfg, run.run_dir, layout.is_main, resume_step=run.pos.step if resumed else None
-    )
+    # Rank 0 may wait up to wandb.start_timeout_s for wandb; the others wait for it here.
+    with agree.main_may_take(layout, cfg.wandb.start_timeout_s + cfg.train.dist_timeout_s):
+        run.tracker = make_tracker(
+            cfg, run.run_dir, layout.is_main, resume_step=run.pos.step if resumed else None
+        )
     stop = StopRequest()
     try:
+        steps = run.train_data.steps_per_epoch
         while run.pos.epoch < cfg.train.epochs and not reached(cfg, run.pos):
-            stopping = train_epoch(run, stop)
-            if stopping:
-                save(run, ckpt.last_path(run.run_dir))
-                run.say(
-                    f"repro: stop requested; checkpoint {ckpt.last_path(run.run_dir)} "
-                    f"at step {run.pos.step}"
-                )
-                return run.last
-            if run.pos.step_in_epoch < run.train_data.steps_per_epoch:  # max_steps mid-epoch
-                save(run, ckpt.last_path(run.run_dir))
-                break
-            run.pos.epoch, run.pos.step_in_epoch = run.pos.epoch + 1, 0
-            end_of_epoch(run)
-        if cfg.train.final_ten_patch:
-            ten_patch_evaluation(run)
+            if run.pos.step_in_epoch < steps:  # not when resumed between steps and validation
+                if train_epoch(run, stop):
+                    return stopped(run, "", save_last=True)
+                if run.pos.step_in_epoch < steps:  # max_steps mid-epoch
+                    save(run, ckpt.last_path(run.run_dir))
+                    break
+            if not end_of_epoch(run, stop):  # stopped in validation: resume repeats it
+                return stopped(run, " during validation", save_last=True)
+            if agree.any_rank(stop.requested, layout):  # came during the checkpoint write
+                return stopped(run, "", save_last=False)
+        if cfg.train.final_ten_patch and not ten_patch_evaluation(run, stop):
+            return stopped(run, " during the 10-patch evaluation", save_last=False)
         if layout.is_main and (run.run_dir / "metrics.jsonl").exists():
-            plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+            draw_curves(run)
         return run.last
     finally:
         run.tracker.finish()
+
+
+def stopped(run: Run, when: str, save_last: bool) -> dict:
+    """End on a stop request: write last.pt if the latest checkpoint is behind, say which."""
+    if save_last:
+        save(run, ckpt.last_path(run.run_dir))
+    if run.layout.is_main:
+        latest = ckpt.latest_checkpoint(run.run_dir)
+        run.say(
+            f"repro: stop requested{when}; checkpoint {latest} at step {run.pos.step}; "
+            "continue with train.resume=latest"
+        )
+    return run.last
 
 
 def start(cfg: Config, layout: Layout) -> Run:
@@ -218,7 +242,9 @@ def resume(run: Run) -> bool:
     if path is None:
         run.say(f"repro: no checkpoint in {run.run_dir}/checkpoints yet; starting fresh")
     else:
-        run.pos, run.best_error = restore(path, run.model, run.optimizer, run.schedule)
+        run.pos, run.best_error = restore(
+            path, run.model, run.optimizer, run.schedule, run.train_data.class_names
+        )
         run.say(f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step}")
     return True
 
@@ -271,37 +297,57 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
     return stopping
 
 
-def end_of_epoch(run: Run) -> None:
-    """Evaluate (every `eval_every` epochs), keep the best, step the schedule, save, prune, plot."""
+def end_of_epoch(run: Run, stop: StopRequest) -> bool:
+    """Close the epoch whose steps are done: evaluate (every `eval_every` epochs), keep the
+    best, step the schedule, save, prune, plot. False if a stop request came during the
+    validation: the run is then left as it was, the epoch's steps done and nothing closed."""
     cfg, pos = run.cfg, run.pos
-    error = None
-    if pos.epoch % cfg.train.eval_every == 0 or pos.epoch == cfg.train.epochs:
+    done = pos.epoch + 1  # epochs completed once this one is closed
+    error, result = None, None
+    if done % cfg.train.eval_every == 0 or done == cfg.train.epochs:
         with progress_bar(run.layout, run.val_data.num_images, "validate") as bar:
             result = evaluate(
                 run.model, run.val_data, run.layout, cfg.model.num_classes, "center",
-                run.autocast, bar,
+                run.autocast, bar, stop=lambda: stop.requested,
             )  # fmt: skip
+        if result is None:
+            return False
+    pos.epoch, pos.step_in_epoch = done, 0
+    if result is not None:
         error, top5 = result["top1_error"], result["top5_error"]
         run.last = {**run.last, "top1_error": error, "top5_error": top5}
         run.tracker.log({"epoch": pos.epoch, "top1_error": error, "top5_error": top5}, pos.step)
         run.say(f"repro: epoch {pos.epoch}: top-1 error {error:.2f}%, top-5 error {top5:.2f}%")
-        figure3(run.model, run.tracker, pos.step)
+        figure3(run, pos.step)
         if error < run.best_error:
             run.best_error = error
             save(run, ckpt.best_path(run.run_dir))
-    step_schedule(run.schedule, error)
+    with warnings.catch_warnings():
+        # A run resumed between an epoch's last step and its validation steps the schedule
+        # before its first optimizer step in this process; across the run the order is right.
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+        step_schedule(run.schedule, error)
     save(run, ckpt.checkpoint_path(run.run_dir, pos.epoch, pos.step))
     if run.layout.is_main:
         ckpt.prune_checkpoints(run.run_dir, KEEP_EPOCH_CHECKPOINTS)
-        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        draw_curves(run)
+    return True
 
 
-def ten_patch_evaluation(run: Run) -> None:
-    """§4.1: the final error averaged over the four corners, the centre and their mirrors."""
+def ten_patch_evaluation(run: Run, stop: StopRequest) -> bool:
+    """§4.1: the final error averaged over the four corners, the centre and their mirrors.
+
+    False if a stop request came during it (nothing is logged; a resumed run repeats it).
+    """
     cfg, layout = run.cfg, run.layout
     ten = build_eval_loader(cfg.data, layout, run.per_replica, "ten", run.channels_last)
     with progress_bar(layout, ten.num_images, "10-patch") as bar:
-        result = evaluate(run.model, ten, layout, cfg.model.num_classes, "ten", run.autocast, bar)
+        result = evaluate(
+            run.model, ten, layout, cfg.model.num_classes, "ten", run.autocast, bar,
+            stop=lambda: stop.requested,
+        )  # fmt: skip
+    if result is None:
+        return False
     ten_patch = {
         "ten_patch_top1_error": result["top1_error"],
         "ten_patch_top5_error": result["top5_error"],
@@ -311,6 +357,16 @@ def ten_patch_evaluation(run: Run) -> None:
     run.say(
         f"repro: 10-patch top-1 error {result['top1_error']:.2f}%, "
         f"top-5 {result['top5_error']:.2f}%"
+    )
+    return True
+
+
+def draw_curves(run: Run) -> None:
+    """curves.png of the run so far, titled with the run's name (rank 0 only)."""
+    plot_curves(
+        run.run_dir / "metrics.jsonl",
+        run.run_dir / "curves.png",
+        title=run_name(run.cfg.wandb, run.run_dir),
     )
 
 
@@ -336,10 +392,20 @@ def checkpoint_state(run: Run) -> dict:
 
 
 def save(run: Run, path: Path) -> None:
-    """Gather the state (collective) and let rank 0 write it atomically."""
+    """Gather the state (collective) and let rank 0 write it atomically.
+
+    A failed write (a full disk) leaves the previous file at `path` intact; every rank
+    learns of it at once and raises it, naming the file.
+    """
     state = checkpoint_state(run)
-    if run.layout.is_main:
-        ckpt.save_checkpoint(path, state)
+
+    def write() -> None:
+        try:
+            ckpt.save_checkpoint(path, state)
+        except OSError as e:  # torch.save's errors name no file
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+    agree.on_main(write, run.layout)
 
 
 def reached(cfg: Config, pos: Position) -> bool:
@@ -372,11 +438,12 @@ def log_window(window: list[torch.Tensor], run: Run, t0: float) -> dict:
     return row
 
 
-def figure3(model: AlexNet, tracker, step: int) -> None:
-    """§6.1, Figure 3: conv1's kernels, one block per tower, logged as an image."""
-    conv1 = model.grouped_state_dict()["conv1.weight"]
-    tracker.log_image(
-        "conv1_kernels", kernel_grid(conv1, model.cfg.towers), step, "conv1 kernels per tower"
+def figure3(run: Run, step: int) -> None:
+    """§6.1, Figure 3: conv1's kernels, one labelled block per tower, logged as an image."""
+    conv1 = run.model.grouped_state_dict()["conv1.weight"]
+    title = f"run {run_name(run.cfg.wandb, run.run_dir)}, step {step}"
+    run.tracker.log_image(
+        "conv1_kernels", figure3_image(conv1, run.cfg.model.towers, title), step, title
     )
 
 
@@ -392,9 +459,13 @@ def progress_bar(layout: Layout, total: int, desc: str, initial: int = 0):
     )
 
 
-def restore(path: Path, model: AlexNet, optimizer, schedule) -> tuple[Position, float]:
-    """Load a checkpoint written by any layout into this one."""
+def restore(
+    path: Path, model: AlexNet, optimizer, schedule, class_names=None
+) -> tuple[Position, float]:
+    """Load a checkpoint written by any layout into this one (trained on `class_names`)."""
     state = ckpt.load_checkpoint(path)
+    if class_names is not None:
+        ckpt.check_class_names(path, state.get("class_names"), class_names)
     try:
         model.load_full_state_dict(state["model"])
     except ValueError as err:

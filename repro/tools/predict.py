@@ -17,20 +17,22 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from tqdm import tqdm
 
+from repro.run.checkpoint import recorded_position
 from repro.run.evaluate import class_probabilities
 from repro.tools.inference import VIEWS, image_files, load_trained, prepare_images, writable_dir
 
-PLOT_SIZE = (9.0, 3.0)
-"""Inches of each --plot figure; at PLOT_DPI that is 900 x 300 pixels."""
+PLOT_SIZE = (9.0, 3.2)
+"""Inches of each --plot figure; at PLOT_DPI that is 900 x 320 pixels."""
 PLOT_DPI = 100
+PATCH_MODES = {"center": "centre patch", "ten": "10 patches averaged (§4.1)"}
 
 
 @dataclass
@@ -106,9 +108,17 @@ def predict(
         )
     else:
         print(format_table(predictions))
-    if plot_dir is not None:
-        for p, name in zip(predictions, plot_names([p.path for p in predictions])):
-            plot_prediction(p, plot_dir / name)
+    if plot_dir is not None and predictions:
+        step, _ = recorded_position(checkpoint)
+        source = f"{checkpoint} (step {step}), {PATCH_MODES[patches]}"
+        # The patches again, without the mean image: the net's input as a person sees it.
+        seen = replace(cfg.data, mean="none", lighting_std=0.0, stats="")
+        paths = [p.path for p in predictions]
+        views = {path: v for path, v, _ in prepare_images(paths, seen, patches, batch_size)}
+        for p, name in zip(predictions, plot_names(paths)):
+            plot_prediction(p, views[p.path], source, plot_dir / name)
+        where = sys.stderr if as_json else sys.stdout  # --json keeps stdout pure JSON
+        print(f"wrote {len(predictions)} plot(s) to {plot_dir}/", file=where)
     return len(skipped)
 
 
@@ -141,13 +151,29 @@ def plot_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def plot_prediction(p: Prediction, out: Path) -> Path:
-    """The image (as the file holds it) beside a horizontal bar chart of its top-k."""
+def patch_picture(views: torch.Tensor, gap: int = 2) -> np.ndarray:
+    """(V, 3, c, c) patches, 0-255 (no mean subtracted), as one RGB picture: the patch itself,
+    or the 10 patches of §4.1 as 2 rows of 5 (corners and centre, then their mirrors)."""
+    tiles = views.detach().float().cpu().clamp(0, 255).round().to(torch.uint8)
+    tiles = tiles.permute(0, 2, 3, 1).numpy()  # (V, c, c, 3)
+    if len(tiles) == 1:
+        return tiles[0]
+    rows, cols, c = 2, len(tiles) // 2, tiles.shape[1]
+    out = np.full((rows * c + gap, cols * c + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, k = divmod(i, cols)
+        out[r * (c + gap) : r * (c + gap) + c, k * (c + gap) : k * (c + gap) + c] = tile
+    return out
+
+
+def plot_prediction(p: Prediction, views: torch.Tensor, source: str, out: Path) -> Path:
+    """The patch(es) the net saw beside a bar chart of the top-k; `source` (the checkpoint,
+    its step and the patch mode) as the title."""
     fig = Figure(figsize=PLOT_SIZE, layout="constrained")
+    fig.suptitle(source, fontsize=9)
     ax_img, ax_bar = fig.subplots(1, 2, width_ratios=(1, 1.6))
-    with Image.open(p.path) as im:
-        ax_img.imshow(im.convert("RGB"))
-    ax_img.set_title(Path(p.path).name, fontsize=9)
+    ax_img.imshow(patch_picture(views), interpolation="nearest")
+    ax_img.set_title(f"{Path(p.path).name}: what the net saw", fontsize=9)
     ax_img.axis("off")
     ranks = range(len(p.classes))
     ax_bar.barh(ranks, [100 * q for q in p.probabilities], color="tab:blue")

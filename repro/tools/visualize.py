@@ -36,33 +36,23 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from repro.config import ConfigError, load_config
 from repro.data.folders import DataError
 from repro.net.model import LAYERS
-from repro.run.plots import kernel_grid, plot_curves, save_png
+from repro.run.checkpoint import recorded_position
+from repro.run.plots import DPI, colour_specificity, figure3, plot_curves
+from repro.run.tracking import run_name
 from repro.tools.inference import load_trained, prepare_images, writable_dir
 
 CONVS = LAYERS[:5]
 PANEL_INCHES = 2.0
 """Side of one activation panel; the figure is (1 + 5) panels wide, one row per tower."""
-DPI = 100
 SCORE_DEFINITION = (
     "colour specificity of a conv1 kernel w (3,k,k): 1 - ||g||^2/||w||^2 with g[c,y,x] = "
     "mean_c' w[c',y,x] (the projection of each pixel's RGB weights on (1,1,1)/sqrt(3)); "
     "0 = grey (colour-agnostic), 1 = pure colour opposition, 2/3 = random; tower score = "
     "mean over its kernels"
 )
-
-
-def colour_specificity(weight: Tensor) -> Tensor:
-    """(N,) scores of conv1 kernels (N, 3, k, k): 1 - grey energy / energy (module docstring).
-
-    An all-zero kernel has no colour to speak of and scores 0.
-    """
-    w = weight.detach().double()
-    grey = w.mean(dim=1, keepdim=True).expand_as(w)  # (N, 3, k, k): RGB projected on grey
-    energy = w.pow(2).sum(dim=(1, 2, 3))
-    grey_energy = grey.pow(2).sum(dim=(1, 2, 3))
-    return torch.where(energy > 0, 1 - grey_energy / energy.clamp_min(1e-300), 0.0)
 
 
 def _beside(checkpoint: str | Path, suffix: str) -> Path:
@@ -78,12 +68,15 @@ def kernels(checkpoint: str | Path, out: str | Path | None = None) -> dict:
     out = Path(out) if out is not None else _beside(checkpoint, "kernels")
     writable_dir(out.parent)
     model, cfg, _ = load_trained(checkpoint, device="cpu")
+    step, epoch = recorded_position(checkpoint)
     conv1 = model.grouped_state_dict()["conv1.weight"]  # (T * n, 3, 11, 11), tower 0 first
     towers = cfg.model.towers
-    save_png(kernel_grid(conv1, towers), out)
+    title = f"{checkpoint}, step {step}, epoch {epoch}"
+    figure3(conv1, towers, title).savefig(out, dpi=DPI)
     scores = colour_specificity(conv1).view(towers, -1)
     report = {
         "checkpoint": str(checkpoint),
+        "step": step,
         "png": str(out),
         "definition": SCORE_DEFINITION,
         "towers": [
@@ -193,6 +186,14 @@ def curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
         )
     out = Path(out) if out is not None else run_dir / "curves.png"
     writable_dir(out.parent)
-    plot_curves(metrics, out)
+    plot_curves(metrics, out, title=_run_name(run_dir))
     print(f"wrote {out}")
     return out
+
+
+def _run_name(run_dir: Path) -> str | None:
+    """The name training gave the run (its config's wandb.name, else the folder's name)."""
+    try:
+        return run_name(load_config(run_dir / "config.yaml").wandb, run_dir)
+    except ConfigError:  # no config.yaml (a copied metrics file): the folder's name
+        return None

@@ -28,6 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from repro.data.folders import DataError, DecodeError
     from repro.net.dist import LayoutError
     from repro.run.checkpoint import CheckpointError
+    from repro.run.kernels import CompileError
     from repro.tools.inference import OutputError
 
     return (
@@ -35,6 +36,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         LayoutError,
         CheckpointError,
+        CompileError,
         DecodeError,
         OutputError,
         FileNotFoundError,

@@ -49,13 +49,26 @@ import torch
 import torch.distributed as dist
 
 from repro.config import DataConfig
-from repro.data import imagecheck, pipelines
+from repro.data import imagecheck
 from repro.data.folders import DataError, ImageSet, class_folders, images_in, scan_class_folders
 from repro.data.synthetic import SyntheticLoader, finish_batch
 from repro.net.dist import Layout
 
 SOURCES = ("folders", "imagenet", "digits", "synthetic")
 _WNID = re.compile(r"^n\d{8}$")
+
+
+def _pipelines():
+    """repro.data.pipelines, imported only where images are decoded: the synthetic source,
+    the model and the benchmarks run without DALI installed."""
+    try:
+        from repro.data import pipelines
+    except ImportError as err:
+        raise DataError(
+            f"decoding images needs NVIDIA DALI, which does not import here ({err}); install "
+            "nvidia-dali-cuda130 (or -cuda120) to match your CUDA, or use data.source=synthetic"
+        ) from None
+    return pipelines
 
 
 def _root(cfg: DataConfig) -> Path:
@@ -229,17 +242,17 @@ def _normalisation(cfg: DataConfig):
     from repro.data.stats import load_stats
 
     stats = load_stats(cfg)
-    basis = pipelines.lighting_basis(stats["eigval"], stats["eigvec"])
+    basis = _pipelines().lighting_basis(stats["eigval"], stats["eigvec"])
     if cfg.mean == "image":
         return stats["mean_image"], zeros, basis
     return None, (stats["mean_channel"] if cfg.mean == "channel" else zeros), basis
 
 
-def _fed(cfg: DataConfig, layout: Layout, pipeline, batch: int, **args) -> pipelines.FedPipeline:
+def _fed(cfg: DataConfig, layout: Layout, pipeline, batch: int, **args):
     decode = _decode_device(cfg, layout.device)
     args = dict(decode=decode, resize=cfg.resize, crop=cfg.crop, **args)
     gpu = decode == "mixed"
-    return pipelines.FedPipeline(pipeline, args, batch, cfg.threads, layout.device, gpu=gpu)
+    return _pipelines().FedPipeline(pipeline, args, batch, cfg.threads, layout.device, gpu=gpu)
 
 
 def _shares(n: int, towers: int) -> list[int]:
@@ -285,7 +298,7 @@ class TrainLoader:
         self._sizes = _shares(batch_size, layout.tower_size)
         self._start = sum(self._sizes[: layout.tower_rank])  # this rank's share in the batch
         self._runner = _fed(
-            cfg, layout, pipelines.train_pipeline, max(self._sizes), mean_image=mean_image
+            cfg, layout, _pipelines().train_pipeline, max(self._sizes), mean_image=mean_image
         )
 
     def epoch(
@@ -295,6 +308,7 @@ class TrainLoader:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise DataError(f"start_step must be in 0..{self.steps_per_epoch}, got {start_step}")
         cfg, b = self.cfg, self.batch_size
+        pipelines = _pipelines()
         order = pipelines.epoch_order(self.seed, epoch, len(self.images.paths))
         first = self.layout.replica * b  # this replica's offset inside a global batch
         sigma = cfg.lighting_std if lighting else 0.0
@@ -344,7 +358,7 @@ class EvalLoader:
         self._runner = _fed(
             cfg,
             layout,
-            pipelines.eval_pipeline,
+            _pipelines().eval_pipeline,
             -(-batch_size // layout.tower_size),  # the largest tower share
             mean_image=mean_image,
             channel_mean=tuple(map(float, channel_mean)),
@@ -385,6 +399,7 @@ def build_train_loader(
     _check_cfg(cfg)
     if cfg.source == "synthetic":
         return SyntheticLoader(cfg, layout, batch_size, seed, num_classes, channels_last)
+    _pipelines()  # images are decoded: without DALI, say so before anything else
     return TrainLoader(cfg, layout, train_set(cfg), batch_size, seed, channels_last)
 
 
@@ -401,5 +416,6 @@ def build_eval_loader(
     if cfg.source == "synthetic":
         views = 10 if patches == "ten" else 1
         return SyntheticLoader(cfg, layout, batch_size, 0, num_classes, channels_last, views)
+    _pipelines()
     classes = class_folders(_root(cfg) / "train")
     return EvalLoader(cfg, layout, val_set(cfg, classes), batch_size, patches, channels_last)

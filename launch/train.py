@@ -2,9 +2,12 @@
 
 torchrun --nproc_per_node 2 launch/train.py configs/paper.yaml        # one tower per GPU
 python launch/train.py configs/paper.yaml                             # one GPU (or CPU)
-torchrun --nnodes 2 --nproc_per_node 8 ... launch/train.py configs/paper.yaml train.batch_size=1024
 python launch/train.py configs/paper.yaml optim.lr=0.02 data.root=/data/imagenet
 python launch/train.py configs/demo.yaml train.resume=latest
+
+Two nodes of 8 GPUs (8 replicas x 2 towers); the same command on every node, HOST being
+node 0's address (c10d rendezvous: torchrun numbers the nodes itself):
+torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB launch/train.py configs/paper.yaml train.batch_size=1024
 """
 
 from __future__ import annotations

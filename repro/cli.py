@@ -29,6 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from repro.net.dist import LayoutError
     from repro.run.checkpoint import CheckpointError
     from repro.run.rundir import RunDirError
+    from repro.run.kernels import CompileError
     from repro.tools.inference import OutputError
 
     return (
@@ -37,6 +38,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         LayoutError,
         CheckpointError,
         RunDirError,
+        CompileError,
         DecodeError,
         OutputError,
         FileNotFoundError,

@@ -37,6 +37,12 @@ def args(run_dir: Path, digits: Path, *extra: str) -> list[str]:
         "train.log_every=1",
         "train.final_ten_patch=false",
         "wandb.mode=disabled",
+        # The layouts are compared in fp32 on the CPU, on a GPU machine too ('auto' would pick
+        # the GPU, bf16, channels_last and GPU decoding there); `extra` may override these.
+        "train.device=cpu",
+        "train.precision=fp32",
+        "train.channels_last=off",
+        "train.compile=off",
         *extra,
     ]
 

@@ -6,12 +6,20 @@ tower: rank = replica * T + tower. Two kinds of process group come out of one 2-
 
 - tower group: the T ranks of one replica; they exchange activations (repro/net/parallel.py);
 - replica group: the R ranks holding the same tower; they all-reduce its gradients.
+
+Devices (`choose_device`): one GPU per local rank (NCCL) when the node has one for each,
+else the CPU (gloo) with a note. Several nodes meet by torchrun's c10d rendezvous, which
+numbers the nodes itself; without `--rdzv-backend c10d` torchrun's static rendezvous makes
+every node node 0 unless each is given its own `--node-rank` and `--master-addr`:
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB launch/train.py ...
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -86,23 +94,53 @@ def single_process_layout(towers: int = 2, device: str | torch.device = "cpu") -
     )
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's GPU if there is one, else CPU. 'cuda' with no GPU is an error."""
+def choose_device(
+    name: str, local_rank: int, local_world_size: int, gpus: int
+) -> tuple[torch.device, str | None]:
+    """(device for this rank, a note for the user or None) from the GPUs this node shows.
+
+    - 'cpu': the CPU.
+    - 'cuda': GPU `local_rank`; every local rank needs its own GPU, so fewer GPUs than local
+      ranks is a LayoutError naming both counts.
+    - 'auto': GPU `local_rank` when every local rank can have its own; otherwise the CPU for
+      every rank (gloo), with a note saying why and how to use the GPU instead. Ranks never
+      share a GPU: NCCL refuses two ranks on one device, and the decision must be the same on
+      every rank of the node, which it is, being a function of the counts alone.
+    """
     if name not in ("auto", "cpu", "cuda"):
         raise LayoutError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
+    if local_world_size < 1 or not 0 <= local_rank < local_world_size:
+        raise LayoutError(f"local rank {local_rank} is outside 0..{local_world_size - 1}")
+    if name == "cpu" or (name == "auto" and gpus == 0):
+        return torch.device("cpu"), None
+    if gpus >= local_world_size:
+        return torch.device("cuda", local_rank), None
+    ranks = f"{local_world_size} ranks on this node" if local_world_size > 1 else "1 process"
+    if name == "cuda":
+        if gpus == 0:
+            raise LayoutError(
+                "device 'cuda' was asked for but no CUDA GPU is visible "
+                "(set train.device=auto or train.device=cpu to run on the CPU)"
+            )
         raise LayoutError(
-            "device 'cuda' was asked for but no CUDA GPU is visible "
-            "(set device=auto or device=cpu to run on the CPU)"
+            f"device 'cuda' needs one GPU per local rank: {ranks} but {gpus} GPU(s) visible; "
+            f"start at most {gpus} rank(s) per node (torchrun --nproc_per_node {gpus}), or run "
+            "one process, `python launch/train.py ...`, which holds both towers on one GPU"
         )
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise LayoutError(
-            f"local rank {local_rank} needs GPU {local_rank} but only {count} are visible"
-        )
-    return torch.device("cuda", local_rank)
+    return torch.device("cpu"), (
+        f"running on the CPU: {ranks} but {gpus} GPU(s) visible, and each rank needs its own; "
+        "to use the GPU, run one process (`python launch/train.py ...`: both towers on one GPU)"
+        + (f" or at most {gpus} ranks per node" if gpus >= 2 else "")
+    )
+
+
+def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """`choose_device` with this machine's GPU count; local rank 0 prints the note, if any."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device, note = choose_device(name, local_rank, local_world_size, gpus)
+    if note and local_rank == 0:
+        print(f"repro: {note}", file=sys.stderr)
+    return device
 
 
 def grid_shape(world_size: int, towers: int) -> tuple[int, int]:
@@ -131,8 +169,11 @@ def init_distributed(towers: int = 2, device: str = "auto", timeout_s: float = 3
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun sets LOCAL_WORLD_SIZE; a launcher that does not is taken to run every rank
+    # here, so that all ranks decide the device alike.
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     replicas, per_replica = grid_shape(world_size, towers)
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, local_world_size)
     if world_size == 1:
         return single_process_layout(towers, dev)
 

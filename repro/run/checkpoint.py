@@ -33,12 +33,15 @@ import pickle
 import random
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from repro.net.dist import Layout
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "epoch", "step", "config")
@@ -175,6 +178,35 @@ def check_class_names(path: str | Path, saved: Sequence[str] | None, data: Seque
         f"{path}: trained on other classes than the data holds: {'; '.join(diffs[:3])}{more}; "
         "resume on the data it was trained on, or start a fresh run without train.resume"
     )
+def load_on_rank0(
+    pick: Callable[[], Path | None], layout: Layout
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state) of the checkpoint rank 0 picks, on every rank; (None, None) if it picks none.
+
+    Only rank 0 calls `pick` (e.g. `latest_checkpoint` of its run folder) and opens the file;
+    the state reaches the other ranks over the process group. Run folders may then be
+    node-local: a node without the checkpoint resumes from node 0's, at the same step, instead
+    of starting fresh while its gradients are averaged with resumed ones. A CheckpointError on
+    rank 0 is raised on every rank, so no rank waits for a state that never comes.
+    """
+    if not layout.distributed:
+        path = pick()
+        return path, (load_checkpoint(path) if path is not None else None)
+    message: list = [None]
+    if layout.is_main:
+        try:
+            path = pick()
+            state = load_checkpoint(path) if path is not None else None
+            message[0] = ("ok", None if path is None else str(path), state)
+        except CheckpointError as err:
+            message[0] = ("error", str(err), None)
+    # The tensors travel pickled, as in gather_named_tensors; NCCL sends the bytes from this
+    # rank's GPU (init_distributed made it the current device), gloo from the CPU.
+    dist.broadcast_object_list(message, src=0)
+    status, path, state = message[0]
+    if status == "error":
+        raise CheckpointError(path)
+    return (None if path is None else Path(path)), state
 
 
 def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

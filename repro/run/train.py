@@ -2,11 +2,13 @@
 
     torchrun --nproc_per_node 2 launch/train.py configs/paper.yaml   # one tower per GPU
     python launch/train.py configs/paper.yaml                        # both towers on one device
-    torchrun --nnodes N --nproc_per_node 8 ... launch/train.py ...   # R replicas x 2 towers
+    # R replicas x 2 towers; the same line on every node, HOST = node 0's address:
+    torchrun --nnodes N --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB launch/train.py ...
 
 Every rank runs the same code; the layout (repro/net/dist.py) decides which towers it holds and
 the exchanges (repro/net/parallel.py) do the rest. Rank 0 alone prints, tracks and writes files;
-all ranks take part in gathering a checkpoint. Data order, augmentation and dropout masks are
+all ranks take part in gathering a checkpoint, and rank 0 alone reads one to resume (the state
+reaches the others over the process group, so run folders may be node-local). Data order, augmentation and dropout masks are
 pure functions of (seed, epoch, position), so a resumed run, or the same run in another layout,
 repeats the same steps.
 """
@@ -35,6 +37,7 @@ from repro.net.model import AlexNet
 from repro.net.parallel import average_gradients, gather_named_tensors
 from repro.run import agree, faults
 from repro.run import checkpoint as ckpt
+from repro.run import kernels
 from repro.run.evaluate import evaluate
 from repro.run.faults import TrainingError
 from repro.run.optim import (
@@ -84,16 +87,22 @@ class StopRequest:
 
 
 def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
-    """(bf16 autocast, channels_last, torch.compile): 'auto' turns each on only on a GPU."""
+    """(bf16 autocast, channels_last, torch.compile): 'auto' turns each on only on a GPU.
+
+    compile 'auto' also needs one process: across ranks the compile would run inside the
+    first collective step (repro/run/kernels.py), its time counted against the timeout.
+    """
     gpu = layout.device.type == "cuda"
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu)
     on = {"on": True, "off": False, "auto": gpu}
-    return bf16, on[t.channels_last], on[t.compile]
+    compile_auto = gpu and not layout.distributed
+    return bf16, on[t.channels_last], {**on, "auto": compile_auto}[t.compile]
 
 
 def main(cfg: Config) -> dict:
     """Train as configured; returns the final metrics. Process groups are always torn down."""
+    kernels.deterministic_env(cfg.train.deterministic)  # before anything starts CUDA
     layout = init_distributed(cfg.model.towers, cfg.train.device, cfg.train.dist_timeout_s)
     try:
         return train(cfg, layout)
@@ -190,8 +199,7 @@ def stopped(run: Run, when: str, save_last: bool) -> dict:
 def start(cfg: Config, layout: Layout) -> Run:
     """Data, model, optimizer and schedule for this layout, at step 0."""
     validate_for_layout(cfg, layout.replicas)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    kernels.kernel_flags(cfg.train.deterministic, layout.device)
     bf16, channels_last, compile_model = switches(cfg, layout)
     if layout.is_main:
         print(
@@ -201,8 +209,11 @@ def start(cfg: Config, layout: Layout) -> Run:
 
     # -- data: both towers of a replica see the same batch; replicas read disjoint shards ----
     per_replica = cfg.train.batch_size // layout.replicas
-    train_data = build_train_loader(cfg.data, layout, per_replica, cfg.train.seed, channels_last)
-    val_data = build_eval_loader(cfg.data, layout, per_replica, "center", channels_last)
+    n = cfg.model.num_classes  # the synthetic source draws labels in 0..n-1
+    train_data = build_train_loader(
+        cfg.data, layout, per_replica, cfg.train.seed, channels_last, num_classes=n
+    )
+    val_data = build_eval_loader(cfg.data, layout, per_replica, "center", channels_last, n)
     classes = train_data.class_names
     if len(classes) != cfg.model.num_classes:
         raise DataError(
@@ -215,37 +226,56 @@ def start(cfg: Config, layout: Layout) -> Run:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
+    autocast = lambda: torch.autocast(layout.device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
+    forward = model
+    if compile_model:  # compiled now, on a stand-in batch: a failure falls back to eager
+        s = cfg.model.image_size
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        example = torch.zeros(per_replica, 3, s, s, device=layout.device)
+        example = example.contiguous(memory_format=memory)  # as the loaders lay batches out
+        forward, _ = kernels.compile_model(model, example, autocast, layout)
     return Run(
         cfg=cfg,
         layout=layout,
         run_dir=Path(cfg.train.run_dir),
         model=model,
-        forward=torch.compile(model) if compile_model else model,
+        forward=forward,
         optimizer=optimizer,
         schedule=build_schedule(optimizer, cfg.optim),
         train_data=train_data,
         val_data=val_data,
-        autocast=lambda: torch.autocast(layout.device.type, torch.bfloat16, enabled=bf16),
+        autocast=autocast,
         channels_last=channels_last,
         per_replica=per_replica,
     )
 
 
 def resume(run: Run) -> bool:
-    """Continue from `train.resume` (a path or "latest"), or after a torchrun restart."""
+    """Continue from `train.resume` (a path or "latest"), or after a torchrun restart.
+
+    Rank 0 alone decides what to resume from and reads it (its run folder, its disk); the
+    state reaches every other rank over the process group, so node-local run folders work.
+    """
     target = run.cfg.train.resume
     if not target and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         target = "latest"  # torchrun --max-restarts: carry on from the last checkpoint
     if not target:
         return False
-    path = ckpt.latest_checkpoint(run.run_dir) if target == "latest" else Path(target)
+
+    def pick() -> Path | None:
+        return ckpt.latest_checkpoint(run.run_dir) if target == "latest" else Path(target)
+
+    path, state = ckpt.load_on_rank0(pick, run.layout)
     if path is None:
         run.say(f"repro: no checkpoint in {run.run_dir}/checkpoints yet; starting fresh")
     else:
         run.pos, run.best_error = restore(
-            path, run.model, run.optimizer, run.schedule, run.train_data.class_names
+            path, state, run.model, run.optimizer, run.schedule, run.train_data.class_names
         )
-        run.say(f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step}")
+        run.say(
+            f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step} "
+            f"(read by rank 0, sent to all {run.layout.world_size} rank(s))"
+        )
     return True
 
 
@@ -460,10 +490,12 @@ def progress_bar(layout: Layout, total: int, desc: str, initial: int = 0):
 
 
 def restore(
-    path: Path, model: AlexNet, optimizer, schedule, class_names=None
+    path: Path, state: dict, model: AlexNet, optimizer, schedule, class_names=None
 ) -> tuple[Position, float]:
-    """Load a checkpoint written by any layout into this one (trained on `class_names`)."""
-    state = ckpt.load_checkpoint(path)
+    """Load a checkpoint's state (read from `path` by rank 0, any layout) into this one.
+
+    A run resumed on other classes than it was trained on is refused (`class_names`).
+    """
     if class_names is not None:
         ckpt.check_class_names(path, state.get("class_names"), class_names)
     try:

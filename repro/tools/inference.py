@@ -5,7 +5,9 @@ What the tools (evaluate, predict, visualize) share:
 - `load_trained(path)`: the checkpoint's config rebuilt (config_from_dict), AlexNet built for
   this process's layout and filled with the checkpoint's full state dict. Checkpoints hold
   every tower's weights, so a checkpoint written by one process or by two ranks loads into
-  either. Every failure is one line: a CheckpointError naming the file.
+  either; tensors are mapped to the CPU and `data.decode` is reset to 'auto', so a
+  checkpoint from a GPU run loads on a CPU-only machine. Every failure is one line: a
+  CheckpointError naming the file.
 - `eval_data_config(data, root)`: the run's data settings pointed at another data root,
   keeping the run's own mean image (§2: the statistics of the training set the net learnt
   from, not of the set it is tested on).
@@ -33,10 +35,13 @@ from repro.config import Config, ConfigError, DataConfig, config_from_dict
 from repro.data import imagecheck
 from repro.data.folders import DataError, DecodeError, ImageSet
 from repro.data.loaders import EvalLoader
-from repro.data.stats import STATS_NAME
 from repro.net.dist import Layout, single_process_layout
 from repro.net.model import AlexNet
 from repro.run.checkpoint import CheckpointError, load_checkpoint
+
+# repro.data.stats' file name, written here: importing that module imports DALI, and this one
+# (through repro.cli's error types) must import on a machine without it.
+STATS_NAME = "stats.npz"
 
 VIEWS = {"center": 1, "ten": 10}
 """Views per image of each test-time scheme (§4.1)."""
@@ -57,6 +62,9 @@ def read_trained(path: str | Path) -> tuple[dict, Config, list[str]]:
         cfg = config_from_dict(state["config"], origin=f"{path} (its config)")
     except ConfigError as err:
         raise CheckpointError(f"{path}: its config does not load: {err}") from None
+    # Where images are decoded is this machine's choice, not part of the trained net: a run
+    # that decoded on its GPU ('mixed') is evaluated on a CPU-only machine with CPU decode.
+    cfg = replace(cfg, data=replace(cfg.data, decode="auto"))
     n = cfg.model.num_classes
     names = state.get("class_names") or [str(i) for i in range(n)]
     if len(names) != n:

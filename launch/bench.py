@@ -1,4 +1,4 @@
-"""Benchmarks, one sub-command each; the logic lives in repro/bench_*.py.
+"""Benchmarks, one sub-command each; the logic lives in repro/bench/.
 
     python launch/bench.py data --workers 2       # DALI vs a torch DataLoader, images/s
     python launch/bench.py train                  # training images/s and MFU, every layout
@@ -6,12 +6,14 @@
     python launch/bench.py exchange               # bytes and time at the cross-tower links
     python launch/bench.py <command> --help
 
-Each sub-command module has `add_arguments(parser)` and `run(args)`; add one to COMMANDS.
-`args.command` names the sub-command (train and infer share one module).
+Each sub-command module has `add_arguments(parser)` and `run(args)`; add one to COMMANDS,
+with its examples (printed by `<command> --help`). `args.command` names the sub-command
+(train and infer share one module).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 from repro import cli
@@ -28,11 +30,37 @@ COMMANDS = {
 }
 
 
+# sub-command -> the examples its --help ends with.
+EXAMPLES = {
+    "data": ["python launch/bench.py data --workers 2"],
+    "train": [
+        "python launch/bench.py train                      # CPU: 1 process, 2 and 4 ranks",
+        "python launch/bench.py train --layouts 1 --batch 32 --compare torchvision",
+        "python launch/bench.py train --batch 128 512 --precision bf16 --compile on   # GPUs",
+    ],
+    "infer": [
+        "python launch/bench.py infer --layouts 1 2 --batch 64",
+        "python launch/bench.py infer --layouts 1 --batch 64 --compare torchvision",
+    ],
+    "exchange": [
+        "python launch/bench.py exchange                   # 2 ranks, batch 32 on the CPU",
+        "python launch/bench.py exchange --mode infer --batch 64",
+    ],
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("bench", __doc__.splitlines()[0], None)
+    parser = cli.parser("bench", __doc__.splitlines()[0], __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, summary) in COMMANDS.items():
-        command = sub.add_parser(name, help=summary, description=summary)
+        examples = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        command = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.set_defaults(module=module)
         importlib.import_module(module).add_arguments(command)
     args = parser.parse_args(argv)

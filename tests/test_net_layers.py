@@ -101,8 +101,8 @@ def test_dropout_masks_differ_between_steps_and_towers():
     model = AlexNet(cfg).train()
     masks = []
 
-    def capture(module, inputs, output):
-        masks.append(inputs[0].detach().clone())
+    def capture(module, inputs, output):  # fc7 is called with every tower's part
+        masks.append(torch.cat(inputs[0], dim=1).detach().clone())
 
     model.towers["0"].fc7.register_forward_hook(capture)
     model.towers["1"].fc7.register_forward_hook(capture)

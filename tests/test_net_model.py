@@ -97,7 +97,10 @@ def test_feature_map_sides(cfg):
         getattr(tower, name).register_forward_hook(
             lambda m, i, o, name=name: seen.__setitem__(name, tuple(o.shape[1:]))
         )
-    tower.fc6.register_forward_hook(lambda m, i, o: seen.__setitem__("fc6_in", i[0].shape[1]))
+    # fc6 is called with every tower's part (its exchange is inside the layer): widths add up.
+    tower.fc6.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("fc6_in", sum(part.shape[1] for part in i[0]))
+    )
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 224, 224))
     assert logits.shape == (2, 10)

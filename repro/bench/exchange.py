@@ -2,18 +2,21 @@
 
     python launch/bench.py exchange                    # CPU: gloo, batch 32
     python launch/bench.py exchange --batch 128 --precision bf16   # 2 GPUs: NCCL
+    python launch/bench.py exchange --mode infer --batch 64
 
 Two tables. The first is derived from the layer shapes (repro.bench.traffic.exchange_volume):
 bytes per image one rank sends at each cross-tower link, forward (all_gather of its share)
-and backward (all_reduce of the whole gathered gradient; what a reduce_scatter would need
-beside it), and the time each would take over the assumed links.
+and backward (reduce_scatter: the other tower's share of the gradient, the same count; what
+an all_reduce of the whole gradient would send beside it), and the time each would take
+over the assumed links.
 
 The second is measured on 2 ranks, one tower each, by two methods, interleaved:
 - stand-in difference: the training step as it is, minus the same step with stand-in
   collectives that copy locally and send nothing (same shapes, same local copies); the
-  difference is the time the exchanges cost the step (transfers + waiting for the peer);
-- timed collectives: every all_gather / all_reduce timed on its own (device synchronized
-  before and after), attributed to its link, with the effective bandwidth it reached.
+  difference is the exchange time the step could not hide (transfers + waiting for the peer);
+- timed collectives: every collective timed on its own (device synchronized before and
+  after; an async one until its wait returns), attributed to its link, with the bytes the
+  rank really sent per image, checked against the derived table, and the bandwidth reached.
 Where fewer than 2 devices are at hand (one GPU) the second table is not measured.
 """
 
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summarize(r: dict, volume: list[dict]) -> dict:
-    """Medians over repeats: step with and without communication, and per-link call times."""
+    """Medians over repeats: step with and without communication, per-link times and bytes."""
     real, standin = r["step_s"]["real"], r["step_s"]["standin"]
     diffs = [a - b for a, b in zip(real, standin)]  # paired: taken back to back
     per_link = []
@@ -138,18 +141,21 @@ def summarize(r: dict, volume: list[dict]) -> dict:
             if not got:
                 continue
             seconds = statistics.median(got)
-            sent = v[f"{direction}_bytes"] * r["case"].batch
+            measured = r["sent_bytes_per_image"][key]
+            sent = measured * r["case"].batch
             per_link.append(
                 {
                     "link": v["link"],
                     "direction": direction,
                     "op": v[direction],
+                    "bytes_per_image": measured,
+                    "derived_bytes_per_image": v[f"{direction}_bytes"],
                     "bytes_sent_per_rank": sent,
                     "seconds": benchkit.spread(got),
                     "effective_gb_s": sent / seconds / 1e9 if seconds > 0 else None,
                 }
             )
-    calls = [sum(rep.values()) for rep in r["link_s"]]
+    calls = [sum(t for k, t in rep.items() if not k.startswith("replicas")) for rep in r["link_s"]]
     return {
         "layout": r["layout"],
         "step_s": benchkit.spread(real),
@@ -158,6 +164,9 @@ def summarize(r: dict, volume: list[dict]) -> dict:
         "exchange_s_standin_difference": benchkit.spread(diffs),
         "exchange_s_timed_calls": benchkit.spread(calls),
         "links": per_link,
+        "bytes_match_derived": all(
+            x["bytes_per_image"] == x["derived_bytes_per_image"] for x in per_link
+        ),
         "profile": r.get("profile"),
     }
 
@@ -169,7 +178,7 @@ def print_result(result: dict) -> None:
         f"\nderived from the layer shapes ({s['precision']}, batch {s['batch']}; "
         "bytes one rank sends; received = sent on 2 ranks):"
     )
-    header = ["link", "per tower", "fwd B/img", "bwd B/img", "bwd needed", "MB/step"]
+    header = ["link", "per tower", "fwd B/img", "bwd B/img", "all_reduce B/img", "MB/step"]
     header += [f"ms @ {n}" for n in names]
     rows = [
         [
@@ -177,7 +186,7 @@ def print_result(result: dict) -> None:
             "x".join(map(str, v["shape"])),
             f"{v['forward_bytes']:,}",
             f"{v['backward_bytes']:,}",
-            f"{v['backward_needed_bytes']:,}",
+            f"{v['allreduce_bytes']:,}",
             f"{v['step_bytes'] / 1e6:.2f}",
             *(f"{v['modelled_ms'][n]:.3f}" for n in names),
         ]
@@ -190,12 +199,16 @@ def print_result(result: dict) -> None:
             "",
             f"{total('forward_bytes'):,}",
             f"{total('backward_bytes'):,}",
-            f"{total('backward_needed_bytes'):,}",
+            f"{total('allreduce_bytes'):,}",
             f"{total('step_bytes') / 1e6:.2f}",
             *(f"{sum(v['modelled_ms'][n] for v in result['volume']):.3f}" for n in names),
         ]
     )
     benchkit.print_table(header, rows)
+    print(
+        "(bwd: reduce_scatter, the other tower's share; all_reduce: what an all_reduce of the "
+        "whole gradient would send)"
+    )
     m = result["measured"]
     if m is None:
         for n in result["notes"]:
@@ -206,30 +219,42 @@ def print_result(result: dict) -> None:
         f"\nmeasured on {m['layout'].split(';')[0]}, {m['threads_per_rank']} thread(s) per rank "
         f"(median [min-max] ms per {s['mode']} step):"
     )
+    cost = m["exchange_s_standin_difference"]
+    share = ""
+    if cost["min"] > 0:
+        low, high = cost["min"] / m["step_s"]["max"], cost["max"] / m["step_s"]["min"]
+        share = f" = {100 * cost['median'] / m['step_s']['median']:.0f}% of the step"
+        share += f" [{100 * low:.0f}-{100 * high:.0f}%]"
     benchkit.print_table(
         ["what", "ms"],
         [
             ["step, real exchanges", ms(m["step_s"])],
             ["step, stand-in exchanges (no communication)", ms(m["standin_step_s"])],
-            ["exchange cost = real - stand-in (paired)", ms(m["exchange_s_standin_difference"])],
+            ["exposed exchange = real - stand-in (paired)", benchkit.ms_interval(cost) + share],
             ["step, collectives timed one by one", ms(m["timed_step_s"])],
-            ["time inside the timed collectives", ms(m["exchange_s_timed_calls"])],
+            ["time the timed collectives held the rank", ms(m["exchange_s_timed_calls"])],
         ],
     )
     print()
     benchkit.print_table(
-        ["link", "direction", "op", "MB sent/rank", "ms (median)", "GB/s"],
+        ["link", "direction", "op", "B/img sent", "= derived", "MB sent/rank", "ms held", "GB/s"],
         [
             [
                 x["link"],
                 x["direction"],
                 x["op"],
+                f"{x['bytes_per_image']:,}",
+                "yes" if x["bytes_per_image"] == x["derived_bytes_per_image"] else "NO",
                 f"{x['bytes_sent_per_rank'] / 1e6:.2f}",
                 f"{x['seconds']['median'] * 1e3:.2f}",
                 "-" if x["effective_gb_s"] is None else f"{x['effective_gb_s']:.2f}",
             ]
             for x in m["links"]
         ],
+    )
+    print(
+        "(bytes read off the collectives the net really called; 'ms held' includes waiting for "
+        "the other rank, and for an overlapped exchange only the part not hidden by arithmetic)"
     )
     if m.get("profile"):
         print(f"\nprofile of the real step, rank 0 (trace {m['profile']['trace']}):")

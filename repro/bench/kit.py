@@ -4,7 +4,8 @@
   perf_counter after a synchronisation elsewhere (cifar10-airbench's habit: time exactly
   the measured region on the device's own clock).
 - `spread(values)`: median, min, max and quartiles; benchmarks report the median and spread
-  over repeated measurements, never a single run.
+  over repeated measurements, never a single run. `ratio_interval`, `verdict` and
+  `ms_interval` turn spreads into a claim only where the spread supports one.
 - `matmul_peak(device, dtype)`: FLOP/s of a large square matmul timed the same way; the
   denominator of model FLOP utilisation (MFU), measured on the machine that ran the model.
 - `run_ranks(fn, world_size, args, threads)`: fn on world_size spawned processes with
@@ -64,6 +65,34 @@ def spread(values: Sequence[float]) -> dict:
         "q3": q3,
         "n": len(ordered),
     }
+
+
+def ratio_interval(num: dict, den: dict) -> tuple[float, float, float]:
+    """Ratio of two spreads' medians, with the interval their interquartile ranges allow:
+    (median ratio, q1(num) / q3(den), q3(num) / q1(den))."""
+    return num["median"] / den["median"], num["q1"] / den["q3"], num["q3"] / den["q1"]
+
+
+def verdict(low: float, high: float, target: float, enough: bool = True) -> str:
+    """'met' if the whole interval is at or under the target, 'NOT met' if all of it is above
+    it, 'inconclusive' when the measured spread straddles the target or is too thin to judge
+    (`enough` False: too few measurements)."""
+    if not enough:
+        return "inconclusive"
+    if high <= target:
+        return "met"
+    if low > target:
+        return "NOT met"
+    return "inconclusive"
+
+
+def ms_interval(stats: dict) -> str:
+    """'84.0 ms [49.1-101.3]' (median [min-max]); a median below zero is printed only with its
+    interval and the remark that the cost is not distinguishable from zero."""
+    text = f"{stats['median'] * 1e3:.1f} ms [{stats['min'] * 1e3:.1f} to {stats['max'] * 1e3:.1f}]"
+    if stats["q1"] <= 0 <= stats["q3"] or stats["median"] < 0:
+        text += ": not distinguishable from 0"
+    return text
 
 
 def matmul_peak(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +36,14 @@ from repro.bench.traffic import (
     exchange_volume,
     local_collectives,
     one_tower_layout,
+    sent_bytes_per_image,
     timed_collectives,
 )
 from repro.config import DataConfig, ModelConfig, OptimConfig
 from repro.data.synthetic import SyntheticLoader
 from repro.net.dist import Layout, init_distributed
 from repro.net.model import AlexNet
-from repro.net.parallel import average_gradients
+from repro.net.replicas import GradientAverage
 from repro.run.optim import build_optimizer
 
 VARIANTS = ("real", "standin", "timed")
@@ -77,6 +80,9 @@ class Job:
     profile_dir: str = ""
     """If set, `steps` more steps of the first variant under torch.profiler; a chrome trace
     per rank is written there and the top operators come back in the result."""
+    model: str = "repro"
+    """'repro' (the two-tower net in the layout) or 'torchvision' (its one-tower alexnet(), one
+    process only: the comparison users make)."""
 
 
 def rank_main(job: Job) -> list[dict]:
@@ -95,51 +101,68 @@ def rank_main(job: Job) -> list[dict]:
     return results
 
 
+def build_model(job: Job, layout: Layout) -> torch.nn.Module:
+    """The net a job measures: repro's AlexNet in the layout, or torchvision's one-tower alexnet."""
+    torch.manual_seed(0)
+    if job.model == "torchvision":
+        from torchvision.models import alexnet  # the one-tower net users pick instead
+
+        return alexnet(num_classes=job.cfg.num_classes)
+    return AlexNet(job.cfg, layout, seed=0)
+
+
 def measure(job: Job, case: Case, layout: Layout) -> dict:
     """Per-step seconds of every repeat for each variant; per-link seconds for 'timed'."""
     device, cfg = layout.device, job.cfg
     if case.batch % layout.replicas:
         raise ValueError(f"batch {case.batch} does not split over {layout.replicas} replicas")
     per_replica = case.batch // layout.replicas
-    torch.manual_seed(0)
-    model = AlexNet(cfg, layout, seed=0).to(device)
+    model = build_model(job, layout).to(device)
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     source = DataConfig(source="synthetic", crop=cfg.image_size)
     loader = SyntheticLoader(
         source, layout, per_replica, 0, cfg.num_classes, case.channels_last
-    )  # the batch lives on the device: no loading in the timed region
-    images, labels = next(iter(loader.epoch(0)))
+    )  # the batch lives on the device: no decoding in the timed region
+    batches = itertools.cycle(loader.epoch(0, loader.steps_per_epoch - 1))
     forward = torch.compile(model) if case.compile else model
     bf16 = case.precision == "bf16"
     train = job.mode == "train"
+    waited = [0.0]  # seconds the host spent getting batches (data wait), this measurement
+
+    def next_batch():
+        start = time.perf_counter()
+        batch = next(batches)
+        waited[0] += time.perf_counter() - start
+        return batch
 
     if train:
         model.train()
         optimizer = build_optimizer(model, OptimConfig())  # §5: momentum 0.9, decay 5e-4
-        params = list(model.parameters())
+        replicas = GradientAverage(list(model.parameters()), layout)  # buckets during backward
 
         def step() -> None:
+            images, labels = next_batch()
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 logits = forward(images)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            average_gradients(params, layout)  # no-op with one replica
+            replicas.finish()  # no-op with one replica
             optimizer.step()
     else:
         model.eval()
 
         def step() -> None:
+            images, _ = next_batch()
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 forward(images)
 
-    standin = job.one_tower or "standin" in job.variants
-    if standin and layout.replicas > 1:
-        raise ValueError("the stand-in exchanges model one replica; use a 1- or 2-rank layout")
     volume = exchange_volume(cfg, dtype_bytes(case.precision))
     times: dict[str, list[float]] = {v: [] for v in job.variants}
+    data: dict[str, list[float]] = {v: [] for v in job.variants}
     links: list[dict] = []
+    sent: dict[str, int] = {}
     for variant in job.variants:  # warm-up: allocator, kernels, compiled graphs, gloo buffers
         with _variant(variant, job.one_tower, []):
             for _ in range(job.warmup):
@@ -148,21 +171,30 @@ def measure(job: Job, case: Case, layout: Layout) -> dict:
         for variant in job.variants:
             calls: list = []
             _barrier(layout)
+            waited[0] = 0.0
             with _variant(variant, job.one_tower, calls):
                 seconds = time_region(step, job.steps, device)
             times[variant].append(_slowest(seconds, layout) / job.steps)
+            data[variant].append(_slowest(waited[0], layout) / job.steps)
             if variant == "timed":
                 per_link = attribute_calls(volume, calls, job.steps, backward=train)
                 links.append({f"{k[0]}/{k[1]}": s / job.steps for k, s in per_link.items()})
+                waits = [c[3] for c in calls if c[0] == "all_reduce"]  # the replica average
+                links[-1]["replicas/backward"] = sum(waits) / job.steps
+                per_image = sent_bytes_per_image(volume, calls, job.steps, train, cfg.towers)
+                sent = {f"{k[0]}/{k[1]}": b for k, b in per_image.items()}
     result = {
         "profile": _profile(job, case, layout, step) if job.profile_dir else None,
         "case": case,
+        "model": job.model,
         "layout": layout.describe(),
         "world_size": layout.world_size,
         "replicas": layout.replicas,
         "threads_per_rank": torch.get_num_threads(),
         "step_s": times,
+        "data_s": data,
         "link_s": links,
+        "sent_bytes_per_image": sent,
     }
     return result
 

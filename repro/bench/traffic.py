@@ -2,33 +2,35 @@
 
 Five cross-tower points per step, all in repro/net/parallel.py and called from repro/net/model.py:
 
-    link     per-tower tensor (paper net)   forward          backward
-    conv3    (B, 128, 13, 13) after pool2   all_gather       all_reduce of (B, 256, 13, 13)
-    fc6      (B, 4608) = 128 x 6 x 6        all_gather       all_reduce of (B, 9216)
-    fc7      (B, 2048)                      all_gather       all_reduce of (B, 4096)
-    fc8      (B, 2048)                      all_gather       all_reduce of (B, 4096)
-    logits   (B, 500)                       all_gather       none (each rank keeps its slice)
+    link     per-tower tensor (paper net)   forward             backward
+    conv3    (B, 128, 13, 13) after pool2   all_gather_single   reduce_scatter_single
+    fc6      (B, 4608) = 128 x 6 x 6        all_gather_single   reduce_scatter_single
+    fc7      (B, 2048)                      all_gather_single   reduce_scatter_single
+    fc8      (B, 2048)                      all_gather_single   reduce_scatter_single
+    logits   (B, 500)                       all_gather_single   none (each rank keeps its slice)
 
 What `exchange_volume` counts, per image, for ONE rank of a T-tower group (T = 2 here):
 - forward all_gather: the elements this rank sends, (T - 1) x its share; on 2 ranks that is
   its own share, the activation the other tower reads. Unequal fc8 shares are padded to the
-  widest for the list-form all_gather, so the widest share is what travels.
-- backward all_reduce of the whole gathered gradient (N = T x share elements): a ring (and
-  gloo's or NCCL's algorithms on 2 ranks) sends 2 (T - 1) / T x N per rank, i.e. N = the
-  WHOLE tensor on 2 ranks: half in the reduce-scatter phase, half in the all-gather phase.
-  A rank needs only its own slice afterwards, so a reduce_scatter would send N / T; that
-  figure is given as `backward_needed_*`.
+  widest for the single-buffer collective, so the widest share is what travels.
+- backward reduce_scatter of the T stacked share gradients: a rank sends the (T - 1) shares
+  that other ranks keep, the same count as forward. (The all_reduce of the whole gradient
+  this replaced sent 2 (T - 1) / T x T shares, twice that: `allreduce_elements` keeps it.)
 - bytes = elements x the element size of the activation: 4 for fp32, 2 under bf16 autocast.
 Received bytes equal sent bytes on 2 ranks. Data-parallel gradient averaging between
 replicas is not a cross-tower link and is not counted here.
 
-`local_collectives()` swaps the two collectives repro/net/parallel.py calls for stand-ins that
-move nothing between processes (all_gather copies the own tensor into every slot; all_reduce
-leaves the tensor as it is), so every local copy, pad and slice of the exchange still runs:
-the time difference to the real step is the time of the communication. With
+`local_collectives()` swaps the collectives repro/net/parallel.py and repro/net/replicas.py
+call for stand-ins that move nothing between processes (the gather copies the own share into
+every slot; the reduce-scatter copies the first share's gradient into the output, standing
+for the sum; the replica all_reduce leaves the gradients as they are), so every local copy
+and the arithmetic on every share still run: the time difference to the real step is the
+time of the communication, the part of it not hidden behind arithmetic. With
 `one_tower_layout()` it runs one tower of the two-tower net in a single process, what one
-GPU of a two-GPU run computes. `timed_collectives()` keeps the real collectives and records
-how long each call took.
+GPU of a two-GPU run computes.
+`timed_collectives()` keeps the real collectives and records how long each one held the
+caller: the call, plus the wait on its handle when it was launched asynchronously (the time
+the exchange was exposed, not hidden behind arithmetic).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 import torch.distributed as torch_dist
 
 from repro.config import ModelConfig
-from repro.net import parallel
+from repro.net import parallel, replicas
 from repro.net.dist import Layout
 from repro.net.layers import spatial_sizes
 from repro.net.model import split_classes
@@ -52,9 +54,10 @@ def exchange_volume(cfg: ModelConfig, dtype_bytes: int = 4) -> list[dict]:
     """One dict per cross-tower link, in forward order, with per-image element and byte counts.
 
     Keys: link, shape (one tower's activation for one image), forward ('all_gather'),
-    forward_elements / forward_bytes (sent by one rank), backward ('all_reduce' or 'none'),
-    backward_elements / backward_bytes (sent by one rank), backward_needed_elements /
-    backward_needed_bytes (what a reduce_scatter would send). Empty for a one-tower net.
+    forward_elements / forward_bytes (sent by one rank), backward ('reduce_scatter' or
+    'none'), backward_elements / backward_bytes (sent by one rank), allreduce_elements /
+    allreduce_bytes (what an all_reduce of the whole gradient would send instead). Empty for
+    a one-tower net.
     """
     towers = cfg.towers
     if towers == 1:
@@ -77,10 +80,9 @@ def exchange_volume(cfg: ModelConfig, dtype_bytes: int = 4) -> list[dict]:
         share = 1
         for d in shape:
             share *= d
-        whole = share * towers
         forward = (towers - 1) * share
-        backward = 2 * (towers - 1) * whole // towers if summed else 0
-        needed = (towers - 1) * share if summed else 0
+        backward = forward if summed else 0
+        allreduce = 2 * (towers - 1) * share if summed else 0  # ring: 2 (T-1)/T x T shares
         links.append(
             {
                 "link": link,
@@ -88,11 +90,11 @@ def exchange_volume(cfg: ModelConfig, dtype_bytes: int = 4) -> list[dict]:
                 "forward": "all_gather",
                 "forward_elements": forward,
                 "forward_bytes": forward * dtype_bytes,
-                "backward": "all_reduce" if summed else "none",
+                "backward": "reduce_scatter" if summed else "none",
                 "backward_elements": backward,
                 "backward_bytes": backward * dtype_bytes,
-                "backward_needed_elements": needed,
-                "backward_needed_bytes": needed * dtype_bytes,
+                "allreduce_elements": allreduce,
+                "allreduce_bytes": allreduce * dtype_bytes,
             }
         )
     return links
@@ -154,8 +156,33 @@ def one_tower_layout(device: torch.device | str = "cpu", tower: int = 0) -> Layo
     )
 
 
+class _Done:
+    """The handle of a stand-in collective: nothing to wait for."""
+
+    def wait(self) -> bool:
+        return True
+
+
+class _Timed:
+    """A real collective's handle whose wait() adds the time it blocks to the call's record."""
+
+    def __init__(self, work, record: list, index: int, tensor: torch.Tensor):
+        self.work, self.record, self.index, self.tensor = work, record, index, tensor
+
+    def wait(self) -> bool:
+        start = _now(self.tensor)
+        done = self.work.wait()
+        op, shape, size, seconds = self.record[self.index]
+        self.record[self.index] = (op, shape, size, seconds + _now(self.tensor) - start)
+        return done
+
+
 class _Collectives:
-    """Looks like torch.distributed to repro/net/parallel.py; overrides all_gather and all_reduce."""
+    """Looks like torch.distributed to repro/net/parallel.py; overrides the two exchanges.
+
+    Each call is noted as (op, share shape, element size, seconds): 'all_gather' with the share
+    a rank sends, 'reduce_scatter' with the share it keeps.
+    """
 
     def __init__(self, mode: str, record: list | None):
         self.mode, self.record = mode, record
@@ -163,30 +190,47 @@ class _Collectives:
     def __getattr__(self, name: str):
         return getattr(torch_dist, name)  # everything else is the real module
 
-    def _note(self, op: str, tensor: torch.Tensor, seconds: float) -> None:
-        if self.record is not None:
-            self.record.append((op, tuple(tensor.shape), tensor.element_size(), seconds))
-
-    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor, group=None) -> None:
+    def _call(self, op: str, share: torch.Tensor, real, local, async_op: bool):
         if self.mode == "local":
-            for out in outputs:  # the same writes the collective makes, with no peer
-                out.copy_(tensor)
-            self._note("all_gather", tensor, 0.0)
-            return
-        start = _now(tensor)
-        torch_dist.all_gather(outputs, tensor, group=group)
-        self._note("all_gather", tensor, _now(tensor) - start)
+            local()
+            if self.record is not None:
+                self.record.append((op, tuple(share.shape), share.element_size(), 0.0))
+            return _Done() if async_op else None
+        start = _now(share)
+        work = real()
+        if self.record is None:
+            return work
+        self.record.append((op, tuple(share.shape), share.element_size(), _now(share) - start))
+        return _Timed(work, self.record, len(self.record) - 1, share) if async_op else None
 
-    def all_reduce(self, tensor: torch.Tensor, group=None, op=None) -> None:
-        if self.mode == "local":
-            self._note("all_reduce", tensor, 0.0)  # the own gradient stands for the sum
-            return
-        start = _now(tensor)
-        if op is None:
-            torch_dist.all_reduce(tensor, group=group)
-        else:
-            torch_dist.all_reduce(tensor, op=op, group=group)
-        self._note("all_reduce", tensor, _now(tensor) - start)
+    def all_gather_single(self, out, tensor, group=None, async_op=False):
+        def local():  # the same writes the collective makes, with no peer
+            for chunk in out.chunk(out.shape[0] // tensor.shape[0]):
+                chunk.copy_(tensor)
+
+        def real():
+            return torch_dist.all_gather_single(out, tensor, group=group, async_op=async_op)
+
+        return self._call("all_gather", tensor, real, local, async_op)
+
+    def reduce_scatter_single(self, out, tensor, op=None, group=None, async_op=False):
+        def local():  # the first share's gradient stands for the sum
+            out.copy_(tensor[: out.shape[0]])
+
+        def real():
+            reduce = torch_dist.ReduceOp.SUM if op is None else op
+            return torch_dist.reduce_scatter_single(out, tensor, reduce, group, async_op=async_op)
+
+        return self._call("reduce_scatter", out, real, local, async_op)
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        """The replica gradient average (repro/net/replicas.py): left as it is when local."""
+
+        def real():
+            reduce = torch_dist.ReduceOp.SUM if op is None else op
+            return torch_dist.all_reduce(tensor, reduce, group, async_op=async_op)
+
+        return self._call("all_reduce", tensor, real, lambda: None, async_op)
 
 
 def _now(tensor: torch.Tensor) -> float:
@@ -199,15 +243,16 @@ def _now(tensor: torch.Tensor) -> float:
 @contextlib.contextmanager
 def _swapped(mode: str, record: list | None) -> Iterator[list | None]:
     real = parallel.dist
-    parallel.dist = _Collectives(mode, record)  # type: ignore[assignment]
+    stand_in = _Collectives(mode, record)
+    parallel.dist = replicas.dist = stand_in  # type: ignore[assignment]
     try:
         yield record
     finally:
-        parallel.dist = real
+        parallel.dist = replicas.dist = real
 
 
 def local_collectives(record: list | None = None) -> contextlib.AbstractContextManager:
-    """Exchanges with no communication, same shapes and local copies (see the module docstring).
+    """Exchanges with no communication, same shapes, copies and arithmetic (module docstring).
 
     `record`, if given, receives (op, shape, element size, 0.0) for every call.
     """
@@ -217,30 +262,49 @@ def local_collectives(record: list | None = None) -> contextlib.AbstractContextM
 def timed_collectives(record: list) -> contextlib.AbstractContextManager:
     """The real collectives, each timed with the device synchronized before and after.
 
-    `record` receives (op, shape, element size, seconds) for every call; the seconds include
-    waiting for the other rank to arrive at the collective.
+    `record` receives (op, share shape, element size, seconds) for every call; the seconds are
+    the time the call (and its wait, if launched asynchronously) held this rank, waiting for
+    the other rank included.
     """
     return _swapped("timed", record)
 
 
-def attribute_calls(volume: list[dict], calls: list[tuple], steps: int, backward: bool) -> dict:
-    """Sum recorded call seconds per link and direction, from the order the calls come in.
-
-    Each step makes one all_gather per link in forward order and, in training, one
-    all_reduce per summed link in reverse order. Returns {(link, 'forward'|'backward'): s}.
-    """
+def _calls_by_link(volume: list[dict], calls: list[tuple], steps: int, backward: bool):
+    """(link, direction, call) for every recorded call, named from the order calls come in:
+    each step makes one all_gather per link in forward order and, in training, one
+    reduce_scatter per summed link in reverse order."""
     gathers = [row["link"] for row in volume]
     reduces = [row["link"] for row in reversed(volume) if row["backward"] != "none"]
     per_step = len(gathers) + (len(reduces) if backward else 0)
+    calls = [c for c in calls if c[0] != "all_reduce"]  # the replica average is no link
     if len(calls) != per_step * steps:
         raise ValueError(f"expected {per_step} collectives per step x {steps}, got {len(calls)}")
-    totals: dict[tuple[str, str], float] = {}
     for start in range(0, len(calls), per_step):
         step = calls[start : start + per_step]
         g = [c for c in step if c[0] == "all_gather"]
-        r = [c for c in step if c[0] == "all_reduce"]
-        for link, call in zip(gathers, g):
-            totals[(link, "forward")] = totals.get((link, "forward"), 0.0) + call[3]
-        for link, call in zip(reduces, r):
-            totals[(link, "backward")] = totals.get((link, "backward"), 0.0) + call[3]
+        r = [c for c in step if c[0] == "reduce_scatter"]
+        yield from ((link, "forward", call) for link, call in zip(gathers, g))
+        yield from ((link, "backward", call) for link, call in zip(reduces, r))
+
+
+def attribute_calls(volume: list[dict], calls: list[tuple], steps: int, backward: bool) -> dict:
+    """Sum recorded call seconds per link and direction: {(link, 'forward'|'backward'): s}."""
+    totals: dict[tuple[str, str], float] = {}
+    for link, direction, call in _calls_by_link(volume, calls, steps, backward):
+        totals[(link, direction)] = totals.get((link, direction), 0.0) + call[3]
     return totals
+
+
+def sent_bytes_per_image(
+    volume: list[dict], calls: list[tuple], steps: int, backward: bool, towers: int = 2
+) -> dict:
+    """Bytes one rank sent per image at each link and direction, read off the recorded calls.
+
+    A call's share is (B, ...): the rank sends it to the T - 1 others (all_gather), or sends
+    the T - 1 shares the others keep (reduce_scatter). {(link, direction): bytes per image}.
+    """
+    sent: dict[tuple[str, str], int] = {}
+    for link, direction, (_, shape, size, _) in _calls_by_link(volume, calls, steps, backward):
+        per_image = (towers - 1) * size * torch.Size(shape[1:]).numel()
+        sent[(link, direction)] = per_image  # the same every step
+    return sent

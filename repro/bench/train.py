@@ -4,6 +4,7 @@
     python launch/bench.py train --batch 128 512 --precision fp32 bf16 --compile off on   # GPUs
     python launch/bench.py infer --layouts 1 2
     python launch/bench.py train --project        # + one tower timed and a modelled link
+    python launch/bench.py train --layouts 1 --compare torchvision   # + torchvision's alexnet()
 
 Layouts (the same step as repro/run/train.py, launched by the bench itself in fresh processes):
 1 process holding both towers; 2 ranks, one tower each; 2R ranks, R replicas x 2 towers.
@@ -17,10 +18,19 @@ MFU = training FLOPs per image (repro.net.summary.training_flops; forward only f
 x images/s / peak, the peak being a large matmul in the row's precision timed by this
 command on the same device (per GPU x GPUs used; on the CPU with the total thread count).
 
+Each multi-rank row is split into compute (the same step with stand-in collectives that send
+nothing, repro/bench/traffic.py), exposed exchange (the real step minus that, paired
+measurement by measurement: the communication the step could not hide behind arithmetic)
+and data wait (the host getting the next batch; the synthetic batches here are in memory).
+
 Projection (--project, and by itself on a machine with exactly one GPU): tower 0 alone in
-one process with stand-in exchanges (what one GPU of a two-GPU run computes), plus the
-exchange volume of repro/bench/traffic.py over an assumed link. It is a model, labelled as one.
-`--profile DIR` adds a torch.profiler run per row: top operators printed, traces in DIR.
+one process with stand-in exchanges (the measured compute of one GPU of a two-GPU run), plus
+the exchange volume of repro/bench/traffic.py over an assumed link, with no overlap assumed.
+It is a model, labelled as one. `--compare torchvision` adds torchvision's one-tower
+`alexnet()` in one process (same batch, threads, precision): the ratio per image and per FLOP
+(FLOPs counted by torch.utils.flop_counter for both nets). A target's verdict is printed only
+where the interquartile interval of the ratio lies wholly on one side; otherwise the figure
+with its interval and "inconclusive". `--profile DIR` adds a torch.profiler run per row.
 """
 
 from __future__ import annotations
@@ -33,9 +43,11 @@ import os
 import torch
 
 from repro.bench import kit as benchkit
-from repro.bench.step import Case, Job, rank_main
+from repro.bench.step import Case, Job, build_model, rank_main
+from repro.bench.targets import comparisons, print_rows, target_checks
 from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
 from repro.config import ModelConfig
+from repro.net.dist import single_process_layout
 from repro.net.summary import summarize, training_flops
 
 TINY = ModelConfig(num_classes=10, widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67)
@@ -74,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--project", action="store_true", help="add the one-tower projection")
+    parser.add_argument(
+        "--compare",
+        choices=("torchvision",),
+        help="also time torchvision's one-tower alexnet() in one process, side by side",
+    )
     parser.add_argument(
         "--bandwidth-gbs",
         type=float,
@@ -133,6 +150,7 @@ def settings(args: argparse.Namespace) -> dict:
         "repeats": tiny.get("repeats", args.repeats),
         "rounds": args.rounds or (1 if args.tiny or device == "cuda" else 3),
         "project": args.project or (device == "cuda" and gpus == 1),
+        "compare": args.compare,
         "links": [LinkModel(f"{bw:g} GB/s", bw, args.latency_us) for bw in args.bandwidth_gbs],
         "peak_size": args.peak_size or (256 if args.tiny else 8192 if device == "cuda" else 2048),
     }
@@ -143,6 +161,25 @@ def flops_per_image(cfg: ModelConfig, mode: str) -> int:
     if mode == "train":
         return training_flops(cfg)
     return 2 * sum(r.macs_total for r in summarize(cfg))
+
+
+def counted_flops(model: str, cfg: ModelConfig, mode: str) -> int:
+    """FLOPs of one image through `model` ('repro' or 'torchvision'), counted by
+    torch.utils.flop_counter: forward, plus backward in training (no gradient for the image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_model(Job(mode, cfg, "cpu", (), model=model), single_process_layout(cfg.towers))
+    images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter:
+        if mode == "train":
+            net(images).sum().backward()
+        else:
+            with torch.no_grad():
+                net.eval()(images)
+    return counter.get_total_flops()
+
+
+ENTRIES = ("layout", "one_tower", "torchvision")  # what a row measures
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -167,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         steps=s["steps"],
         repeats=s["repeats"],
     )
-    notes, entries = [], []  # (world size, threads per rank, one tower alone)
+    notes, entries = [], []  # (world size, threads per rank, what)
     for world in s["layouts"]:
         if s["device"] == "cuda" and world > s["gpus"]:
             notes.append(f"{world} ranks skipped: needs {world} GPUs, {s['gpus']} visible")
@@ -178,30 +215,49 @@ def run(args: argparse.Namespace) -> dict:
                 f"{world} ranks use {per_rank * world} threads in all ({s['threads']} asked): "
                 "one thread per rank is the least"
             )
-        entries.append((world, per_rank, False))
+        entries.append((world, per_rank, "layout"))
     if s["project"]:
-        entries.append((1, s["threads"], True))
+        entries.append((1, s["threads"], "one_tower"))
+    if s["compare"]:
+        entries.append((1, s["threads"], "torchvision"))
     # Rounds alternate the layouts in time, so that load from other jobs on a shared machine
     # falls on every layout alike; each row pools its measurements over the rounds.
     pooled: dict[tuple[int, int], dict] = {}
     for round_ in range(s["rounds"]):
-        for e, (world, per_rank, one_tower) in enumerate(entries):
-            profile = args.profile if round_ == 0 else ""
-            spec = Job(**job, one_tower=one_tower, profile_dir=profile)
+        for e, (world, per_rank, what) in enumerate(entries):
+            variants = ("real", "standin") if what == "layout" and world > 1 else ("real",)
+            spec = Job(
+                **job,
+                one_tower=what == "one_tower",
+                variants=variants,
+                profile_dir=args.profile if round_ == 0 else "",
+                model="torchvision" if what == "torchvision" else "repro",
+            )
             for c, r in enumerate(benchkit.run_ranks(rank_main, world, (spec,), per_rank)):
-                row = pooled.setdefault((e, c), {**r, "step_s": {"real": []}})
-                row["step_s"]["real"] += r["step_s"]["real"]
+                row = pooled.setdefault((e, c), {**r, "step_s": {}, "data_s": {}})
+                for key in ("step_s", "data_s"):
+                    for v, values in r[key].items():
+                        row[key].setdefault(v, []).extend(values)
     # The peak at the start and at the end, the better of each: a busy moment understates it.
     second = measure_peaks()
     peaks = {p: max(first[p], second[p], key=lambda x: x["flop_s"]) for p in first}
+    flops = {"repro": flops_per_image(s["cfg"], s["command"])}
+    if s["compare"]:
+        flops["counted"] = {
+            m: counted_flops(m, s["cfg"], s["command"]) for m in ("repro", "torchvision")
+        }
     rows = []
     for (e, _), r in sorted(pooled.items()):
-        world, per_rank, one_tower = entries[e]
-        if one_tower:
+        world, per_rank, what = entries[e]
+        if what == "one_tower":
             rows += project(s, r, peaks)
             continue
         devices = world if s["device"] == "cuda" else 1
-        rows.append(_row(s, r, r["step_s"]["real"], peaks, devices, label(world), per_rank))
+        name = (
+            "torchvision alexnet() (1 tower, 1 process)" if what == "torchvision" else label(world)
+        )
+        per_image = flops["counted"]["torchvision"] if what == "torchvision" else None
+        rows.append(_row(s, r, peaks, devices, name, per_rank, image_flops=per_image))
     result = {
         "command": s["command"],
         "settings": {
@@ -211,11 +267,13 @@ def run(args: argparse.Namespace) -> dict:
             },
             "model": dataclasses.asdict(s["cfg"]),
             "tiny": args.tiny,
-            "flops_per_image": flops_per_image(s["cfg"], s["command"]),
+            "flops_per_image": flops["repro"],
+            "counted_flops_per_image": flops.get("counted"),
         },
         "peaks": peaks,
         "rows": rows,
-        "checks": target_checks(rows) if s["device"] == "cpu" else [],
+        "checks": target_checks(rows, s["device"]),
+        "comparisons": comparisons(rows, flops.get("counted")),
         "notes": notes,
         "context": ctx,
     }
@@ -232,22 +290,45 @@ def label(world: int) -> str:
     return f"{world} ranks ({world // 2} replicas x 2 towers)"
 
 
+def split(r: dict, step_s: list[float]) -> dict:
+    """The step's parts, each a spread over the measurements: compute, exposed exchange (the
+    real step minus the stand-in step measured right after it), data wait."""
+    data = r["data_s"]["real"]
+    standin = r["step_s"].get("standin")
+    if standin is None:  # one process: nothing to exchange
+        return {
+            "compute_s": benchkit.spread([t - d for t, d in zip(step_s, data)]),
+            "exposed_exchange_s": None,
+            "data_wait_s": benchkit.spread(data),
+        }
+    quiet = r["data_s"]["standin"]
+    return {
+        "compute_s": benchkit.spread([t - d for t, d in zip(standin, quiet)]),
+        "exposed_exchange_s": benchkit.spread([a - b for a, b in zip(step_s, standin)]),
+        "data_wait_s": benchkit.spread(data),
+    }
+
+
 def _row(
     s: dict,
     r: dict,
-    step_s: list[float],
     peaks: dict,
     devices: int,
     name: str,
     per_rank: int,
+    step_s: list[float] | None = None,
+    image_flops: int | None = None,
     **extra,
 ) -> dict:
     case = r["case"]
+    step_s = r["step_s"]["real"] if step_s is None else step_s
     step = benchkit.spread(step_s)
     images_s = case.batch / step["median"]
-    flop_s = flops_per_image(s["cfg"], s["command"]) * images_s
+    per_image = image_flops or flops_per_image(s["cfg"], s["command"])
+    flop_s = per_image * images_s
     return {
         "layout": name,
+        "model": r.get("model", "repro"),
         "device": s["device"],
         "world_size": r["world_size"],
         "threads_per_rank": per_rank,
@@ -256,113 +337,33 @@ def _row(
         "channels_last": case.channels_last,
         "compile": case.compile,
         "step_s": step,
+        "split": split(r, step_s) if "projection" not in extra else None,
         "images_per_s": images_s,
         "images_per_s_range": [case.batch / step["max"], case.batch / step["min"]],
+        "flops_per_image": per_image,
         "flop_s": flop_s,
         "mfu": flop_s / (peaks[case.precision]["flop_s"] * devices),
         "mfu_devices": devices,
         "profile": r.get("profile"),
+        "measurements": {"step_s": r["step_s"], "data_s": r["data_s"]},
         **extra,
     }
 
 
 def project(s: dict, r: dict, peaks: dict) -> list[dict]:
-    """Projected two-device rows: one tower timed here + modelled exchanges per assumed link."""
+    """Projected two-device rows: one tower's measured compute + modelled exchanges per link."""
     case, tower = r["case"], r["step_s"]["real"]
     volume = exchange_volume(s["cfg"], dtype_bytes(case.precision))
     rows = []
     for link in s["links"]:
         extra = modelled_seconds(volume, case.batch, link, backward=s["command"] == "train")
-        name = f"PROJECTION 2 devices: 1 tower timed + {link.name}, {link.latency_us:g} us"
+        name = f"PROJECTION 2 devices: 1 tower measured + {link.name}, {link.latency_us:g} us"
         projection = {
             "one_tower_step_s": benchkit.spread(tower),
             "modelled_exchange_s": extra,
             "link": vars(link),
+            "overlap": "none assumed",
         }
         step_s = [t + extra for t in tower]
-        rows.append(_row(s, r, step_s, peaks, 2, name, s["threads"], projection=projection))
+        rows.append(_row(s, r, peaks, 2, name, s["threads"], step_s=step_s, projection=projection))
     return rows
-
-
-def target_checks(rows: list[dict]) -> list[dict]:
-    """CPU target: 2-rank step time / 1-process step time at the same total threads <= 1.15."""
-    checks = []
-    for two in (r for r in rows if r["world_size"] == 2 and "projection" not in r):
-        for one in rows:
-            same = all(one[k] == two[k] for k in ("batch", "precision", "channels_last", "compile"))
-            if one["world_size"] == 1 and "projection" not in one and same:
-                ratio = two["step_s"]["median"] / one["step_s"]["median"]
-                checks.append(
-                    {
-                        "batch": two["batch"],
-                        "precision": two["precision"],
-                        "channels_last": two["channels_last"],
-                        "compile": two["compile"],
-                        "threads_total": {
-                            "1 process": one["threads_per_rank"],
-                            "2 ranks": 2 * two["threads_per_rank"],
-                        },
-                        "ratio_2_ranks_to_1_process": ratio,
-                        "target": 1.15,
-                        "met": ratio <= 1.15,
-                    }
-                )
-    return checks
-
-
-def print_rows(result: dict) -> None:
-    header = [
-        "layout",
-        "thr/rank",
-        "batch",
-        "prec",
-        "ch_last",
-        "compile",
-        "step ms (median)",
-        "min-max ms",
-        "images/s",
-        "GFLOP/s",
-        "MFU",
-    ]
-    table = []
-    for r in result["rows"]:
-        st = r["step_s"]
-        table.append(
-            [
-                r["layout"],
-                r["threads_per_rank"],
-                r["batch"],
-                r["precision"],
-                "on" if r["channels_last"] else "off",
-                "on" if r["compile"] else "off",
-                f"{st['median'] * 1e3:.1f}",
-                f"{st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f}",
-                f"{r['images_per_s']:.1f}",
-                f"{r['flop_s'] / 1e9:.1f}",
-                f"{100 * r['mfu']:.1f}%",
-            ]
-        )
-    benchkit.print_table(header, table)
-    for p in result["peaks"].values():
-        print(
-            f"peak: {p['dtype']} matmul {p['size']}^2 = {p['flop_s'] / 1e9:.1f} GFLOP/s "
-            f"(threads {p['threads']}) per device"
-        )
-    for c in result["checks"]:
-        verdict = "met" if c["met"] else "NOT met"
-        switches = f"channels_last {'on' if c['channels_last'] else 'off'}, compile " + (
-            "on" if c["compile"] else "off"
-        )
-        print(
-            f"CPU target, batch {c['batch']} {c['precision']}, {switches}: 2 ranks / 1 process "
-            f"step time = {c['ratio_2_ranks_to_1_process']:.3f}x (target <= 1.15x: {verdict}), "
-            f"threads {c['threads_total']}"
-        )
-    for n in result["notes"]:
-        print(f"note: {n}")
-    for r in result["rows"]:
-        if r.get("profile") and "projection" not in r:
-            print(
-                f"\nprofile, {r['layout']}, batch {r['batch']} {r['precision']} (rank 0; "
-                f"trace {r['profile']['trace']}):\n{r['profile']['table']}"
-            )

@@ -4,7 +4,7 @@ Per tower (PAPER.md §1, Figure 2), for a 224 input padded to 227 on the right a
 
     conv1 11x11/4, 48  -> ReLU -> LRN -> pool 3/2     (B, 48, 27, 27)   whole image in
     conv2 5x5, 128     -> ReLU -> LRN -> pool 3/2     (B, 128, 13, 13)  own tower only
-    == exchange ==                                    (B, 256, 13, 13)  §3.5
+    == exchange ==     conv3 reads both towers        (B, 256, 13, 13)  §3.5
     conv3 3x3, 192     -> ReLU                        (B, 192, 13, 13)
     conv4 3x3, 192     -> ReLU                        own tower only
     conv5 3x3, 128     -> ReLU -> pool 3/2            (B, 128, 6, 6)    own tower only
@@ -16,6 +16,9 @@ Per tower (PAPER.md §1, Figure 2), for a 224 input padded to 227 on the right a
 A process builds only the towers it holds (all of them in one process, one per rank across
 ranks); parameter names (`towers.<t>.<layer>.<weight|bias>`), shapes and initial values are
 the same in every layout. The exchanges live in repro/net/parallel.py; this file has no ranks.
+A layer that reads every tower (conv3, fc6, fc7, fc8) does its exchange itself: it is called
+with every local tower's part (`AlexNet.linked`), and across ranks the transfer overlaps the
+layer's own arithmetic.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from repro.net.layers import (
     spatial_sizes,
     tower_dropout,
 )
-from repro.net.parallel import gather_for_replicated, gather_for_split_layer
+from repro.net.parallel import LinkedConv2d, LinkedLinear, gather_for_replicated
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 ONES_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5: these biases start at 1, others at 0
@@ -71,14 +74,25 @@ class Tower(nn.Module):
         super().__init__()
         self.index = index
         shapes = layer_shapes(cfg)
+        # §3.5: conv3, fc6, fc7 and fc8 read every tower (fc8 in every variant).
+        linked = {"conv3", "fc6", "fc7", "fc8"} if cfg.exchange == "paper" else {"fc8"}
         for name in LAYERS[:5]:
             out, inp, k, _ = shapes[name]
             pad = {"conv1": 0, "conv2": 2}.get(name, 1)
-            stride = 4 if name == "conv1" else 1
-            setattr(self, name, nn.Conv2d(inp, out, k, stride=stride, padding=pad))
-        self.fc6 = nn.Linear(shapes["fc6"][1], cfg.fc_width)
-        self.fc7 = nn.Linear(shapes["fc7"][1], cfg.fc_width)
-        self.fc8 = nn.Linear(shapes["fc8"][1], split_classes(cfg.num_classes, cfg.towers)[index])
+            geometry = dict(stride=4 if name == "conv1" else 1, padding=pad)
+            if name in linked:
+                layer = LinkedConv2d(inp, out, k, **geometry, tower=index)
+            else:
+                layer = nn.Conv2d(inp, out, k, **geometry)
+            setattr(self, name, layer)
+        outs = {"fc6": cfg.fc_width, "fc7": cfg.fc_width}
+        outs["fc8"] = split_classes(cfg.num_classes, cfg.towers)[index]
+        for name in LAYERS[5:]:
+            inp = shapes[name][1]
+            if name in linked:
+                setattr(self, name, LinkedLinear(inp, outs[name], tower=index))
+            else:
+                setattr(self, name, nn.Linear(inp, outs[name]))
         self.norm1, self.norm2 = response_norm(cfg), response_norm(cfg)
         self.cnorm2 = ContrastNorm() if cfg.cnorm2 else nn.Identity()
         self.pool = max_pool(cfg)
@@ -134,31 +148,29 @@ class AlexNet(nn.Module):
         )  # (B, 3, 227, 227): the original code's ceil
         h = [t.block1(x) for t in towers]  # (B, 48, 27, 27) per tower: both see the whole image
         h = [t.block2(a) for t, a in zip(towers, h)]  # (B, 128, 13, 13): own tower only
-        h = self.link(h)  # §3.5 conv3 reads both towers: (B, 256, 13, 13)
-        h = [F.relu(t.conv3(a)) for t, a in zip(towers, h)]  # (B, 192, 13, 13)
-        h = [F.relu(t.conv4(a)) for t, a in zip(towers, h)]  # own tower only
+        h = [F.relu(a) for a in self.linked(h, "conv3")]  # §3.5: reads both towers' 128 maps
+        h = [F.relu(t.conv4(a)) for t, a in zip(towers, h)]  # (B, 192, 13, 13): own tower only
         h = [t.pool(F.relu(t.conv5(a))) for t, a in zip(towers, h)]  # (B, 128, 6, 6)
-        h = self.link([a.flatten(1) for a in h])  # fc6 reads both towers: (B, 9216)
-        h = [self.dropout(F.relu(t.fc6(a)), t, 6) for t, a in zip(towers, h)]  # (B, 2048)
-        h = self.link(h)  # (B, 4096)
-        h = [self.dropout(F.relu(t.fc7(a)), t, 7) for t, a in zip(towers, h)]  # (B, 2048)
-        h = self.link(h, always=True)  # fc8 reads both towers in every variant: (B, 4096)
-        logits = [t.fc8(a) for t, a in zip(towers, h)]  # (B, classes/2) per tower
+        h = self.linked([a.flatten(1) for a in h], "fc6")  # fc6 reads both towers' 4608: (B, 2048)
+        h = [self.dropout(F.relu(a), t, 6) for t, a in zip(towers, h)]  # (B, 2048)
+        h = self.linked(h, "fc7")  # fc7 reads both towers' 2048: (B, 2048)
+        h = [self.dropout(F.relu(a), t, 7) for t, a in zip(towers, h)]  # (B, 2048)
+        logits = self.linked(h, "fc8")  # in every variant: (B, classes/2) per tower
         if self.training:
             self.count_draws(towers)
         return gather_for_replicated(logits, self.layout, self.class_split)  # (B, classes)
 
-    def link(self, parts: list[Tensor], always: bool = False) -> list[Tensor]:
-        """A cross-tower link: every local tower gets the concatenation of all towers' parts.
+    def linked(self, parts: list[Tensor], name: str) -> list[Tensor]:
+        """Layer `name` of every local tower; a cross-tower layer reads every tower's part.
 
-        With model.exchange='fc8_only' (layers-150) only the link before fc8 exists; the
-        others hand each tower its own activation back.
+        The exchange happens inside such a layer (repro/net/parallel.py: across ranks the
+        transfer overlaps the layer's own arithmetic). With model.exchange='fc8_only'
+        (layers-150) conv3, fc6 and fc7 are plain layers that read their own tower.
         """
-        if not always and self.cfg.exchange != "paper":
-            return parts
-        sizes = [parts[0].shape[1]] * self.cfg.towers
-        whole = gather_for_split_layer(parts, self.layout, sizes)
-        return [whole] * len(parts)
+        layers = [getattr(t, name) for t in self.towers.values()]
+        if isinstance(layers[0], (LinkedConv2d, LinkedLinear)):
+            return [layer(parts, self.layout) for layer in layers]
+        return [layer(a) for layer, a in zip(layers, parts)]
 
     @torch.compiler.disable  # Python ints and a seeded generator: traced, each step recompiles
     def dropout(self, h: Tensor, tower: Tower, layer: int) -> Tensor:

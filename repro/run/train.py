@@ -34,7 +34,8 @@ from repro.data.folders import DataError
 from repro.data.loaders import build_eval_loader, build_train_loader
 from repro.net.dist import Layout, init_distributed, teardown
 from repro.net.model import AlexNet
-from repro.net.parallel import average_gradients, gather_named_tensors
+from repro.net.parallel import gather_named_tensors
+from repro.net.replicas import GradientAverage
 from repro.run import agree, faults
 from repro.run import checkpoint as ckpt
 from repro.run import kernels
@@ -78,12 +79,18 @@ class StopRequest:
         self.requested = True
 
     def agreed(self, layout: Layout) -> bool:
-        """True on every rank if any rank was asked to stop (a collective when distributed)."""
+        """True on every rank if any rank was asked to stop (a blocking collective when
+        distributed). The training step does not call it: its flag travels with the losses of
+        each log window, read a step late (`launch_window`), so no step waits for the host."""
         if not layout.distributed:
             return self.requested
         flag = torch.tensor([float(self.requested)], device=layout.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def flag(self, like: torch.Tensor) -> torch.Tensor:
+        """This rank's request as a (1,) tensor beside `like`: a fill, no host-device sync."""
+        return like.new_full((1,), float(self.requested))
 
 
 def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
@@ -280,7 +287,13 @@ def resume(run: Run) -> bool:
 
 
 def train_epoch(run: Run, stop: StopRequest) -> bool:
-    """The steps of one epoch from where the run stands; True if a stop was requested."""
+    """The steps of one epoch from where the run stands; True if a stop was requested.
+
+    No step waits for the device: the losses and the stop flags of each `log_every` window
+    leave in one async all_reduce at the window's last step and are read after the next step
+    has been launched (`launch_window`, `log_window`). So a stop request or a non-finite loss
+    is acted on at most one window and one step after it happened, on every rank at once.
+    """
     cfg, pos, model = run.cfg, run.pos, run.model
     # Original code (configs/original_2012.yaml): late epochs freeze conv1, no colour noise.
     if cfg.train.freeze_conv1_from_epoch and pos.epoch >= cfg.train.freeze_conv1_from_epoch:
@@ -290,12 +303,13 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
         cfg.train.lighting_off_from_epoch and pos.epoch >= cfg.train.lighting_off_from_epoch
     )
     model.train()
-    params = list(model.parameters())
+    # Data parallel over replicas (nothing with one): buckets all_reduced during backward.
+    replicas = GradientAverage(list(model.parameters()), run.layout)
     steps = run.train_data.steps_per_epoch
     bar = progress_bar(
         run.layout, steps, f"epoch {pos.epoch + 1}/{cfg.train.epochs}", pos.step_in_epoch
     )
-    window, t0, stopping = [], time.perf_counter(), False
+    window, t0, stopping, pending = [], time.perf_counter(), False, None
     try:  # close the bar first, so an error is printed below it
         for images, labels in run.train_data.epoch(pos.epoch, pos.step_in_epoch, lighting):
             with run.autocast():
@@ -303,27 +317,28 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
             loss = F.cross_entropy(logits.float(), labels)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            average_gradients(params, run.layout)  # data parallel over replicas (no-op if R == 1)
+            replicas.finish()
             run.optimizer.step()
             pos.step += 1
             pos.step_in_epoch += 1
             window.append(loss.detach())
-            if len(window) == cfg.train.log_every or pos.step_in_epoch == steps:
-                run.last = log_window(window, run, t0)
-                bar.set_postfix(
-                    loss=f"{run.last['loss']:.4f}",
-                    lr=f"{run.last['lr']:.2g}",
-                    img_s=f"{run.last['images_per_s']:.0f}",
-                )
-                window, t0 = [], time.perf_counter()
             bar.update(1)
-            stopping = stop.agreed(run.layout)  # the same answer on every rank
+            if pending is not None:  # the last window's figures, now that this step is queued
+                stopping = log_window(pending, run, bar)
+                pending = None
+            if len(window) == cfg.train.log_every or pos.step_in_epoch == steps:
+                pending = launch_window(window, stop, run, t0)
+                window, t0 = [], time.perf_counter()
             if stopping or reached(cfg, pos):
                 break
+        # What is still in flight or not yet sent: every rank leaves the loop at the same step.
+        if pending is not None:
+            stopping = log_window(pending, run, bar) or stopping
+        if window:  # a partial window, so no step's loss goes unchecked
+            stopping = log_window(launch_window(window, stop, run, t0), run, bar) or stopping
     finally:
         bar.close()
-    if window:  # flush a partial window so no step's loss goes unchecked
-        run.last = log_window(window, run, t0)
+        replicas.remove()
     return stopping
 
 
@@ -442,30 +457,67 @@ def reached(cfg: Config, pos: Position) -> bool:
     return bool(cfg.train.max_steps) and pos.step >= cfg.train.max_steps
 
 
-def log_window(window: list[torch.Tensor], run: Run, t0: float) -> dict:
-    """Mean loss of the last steps over all replicas; stop on the first non-finite one."""
-    pos, layout = run.pos, run.layout
+@dataclass
+class Window:
+    """A log window in flight: its losses and every rank's stop flag, being summed."""
+
+    values: torch.Tensor
+    """(n + 1,): the window's n losses, then the stop flag; summed over the world once `work` is done."""
+    work: object
+    """The async all_reduce's handle (None in one process)."""
+    epoch: int
+    last_step: int
+    seconds: float
+    images: int
+
+
+def launch_window(window: list[torch.Tensor], stop: StopRequest, run: Run, t0: float) -> Window:
+    """Send the window's losses and this rank's stop flag in one async all_reduce (world sum).
+
+    Every rank of a replica holds its replica's loss, so the world sum over the world size is
+    the mean over replicas; the summed flag is > 0 if any rank was asked to stop.
+    """
     losses = torch.stack(window).float()
-    if layout.replica_group is not None:
-        dist.all_reduce(losses, group=layout.replica_group)
-        losses /= layout.replicas
-    losses = losses.cpu()
+    values = torch.cat([losses, stop.flag(losses)])
+    layout = run.layout
+    work = dist.all_reduce(values, async_op=True) if layout.distributed else None
+    return Window(
+        values=values,
+        work=work,
+        epoch=run.pos.epoch,
+        last_step=run.pos.step,
+        seconds=time.perf_counter() - t0,
+        images=len(window) * run.per_replica * layout.replicas,
+    )
+
+
+def log_window(window: Window, run: Run, bar=None) -> bool:
+    """Read a window (the host waits here, for it alone), stop on the first non-finite loss,
+    log the mean loss; True if any rank was asked to stop."""
+    if window.work is not None:
+        window.work.wait()
+    values = window.values.cpu()
+    losses, stop = values[:-1] / run.layout.world_size, bool(values[-1] > 0)
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
-        step = pos.step - len(window) + int(bad[0]) + 1
+        step = window.last_step - len(losses) + int(bad[0]) + 1
         raise TrainingError(
-            f"loss became {losses[bad[0]].item()} at step {step} (epoch {pos.epoch + 1}); "
+            f"loss became {losses[bad[0]].item()} at step {step} (epoch {window.epoch + 1}); "
             "the last good checkpoint is kept; lower optim.lr or check the data"
         )
-    seconds = time.perf_counter() - t0
     row = {
-        "epoch": pos.epoch,
+        "epoch": window.epoch,
         "loss": float(losses.mean()),
         "lr": current_lr(run.optimizer),
-        "images_per_s": len(window) * run.per_replica * layout.replicas / max(seconds, 1e-9),
+        "images_per_s": window.images / max(window.seconds, 1e-9),
     }
-    run.tracker.log(row, pos.step)
-    return row
+    run.tracker.log(row, window.last_step)
+    run.last = row
+    if bar is not None:
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2g}", img_s=f"{row['images_per_s']:.0f}"
+        )
+    return stop
 
 
 def figure3(run: Run, step: int) -> None:

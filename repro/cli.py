@@ -28,8 +28,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from repro.data.folders import DataError, DecodeError
     from repro.net.dist import LayoutError
     from repro.run.checkpoint import CheckpointError
-    from repro.run.rundir import RunDirError
     from repro.run.kernels import CompileError
+    from repro.run.rundir import RunDirError
     from repro.tools.inference import OutputError
 
     return (

@@ -178,6 +178,8 @@ def check_class_names(path: str | Path, saved: Sequence[str] | None, data: Seque
         f"{path}: trained on other classes than the data holds: {'; '.join(diffs[:3])}{more}; "
         "resume on the data it was trained on, or start a fresh run without train.resume"
     )
+
+
 def load_on_rank0(
     pick: Callable[[], Path | None], layout: Layout
 ) -> tuple[Path | None, dict[str, Any] | None]:

@@ -36,9 +36,8 @@ from repro.net.dist import Layout, init_distributed, teardown
 from repro.net.model import AlexNet
 from repro.net.parallel import gather_named_tensors
 from repro.net.replicas import GradientAverage
-from repro.run import agree, faults
+from repro.run import agree, faults, kernels
 from repro.run import checkpoint as ckpt
-from repro.run import kernels
 from repro.run.evaluate import evaluate
 from repro.run.faults import TrainingError
 from repro.run.optim import (

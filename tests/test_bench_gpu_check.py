@@ -36,7 +36,7 @@ class _Missing:
 
     def find_spec(self, name, path=None, target=None):
         if any(name == n or name.startswith(n + ".") for n in self.names):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
         return None
 
 sys.meta_path.insert(0, _Missing())

@@ -18,6 +18,7 @@ so rank 0 claims the folder before anything is written:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -80,6 +81,7 @@ class RunLock:
                 break
             os.close(fd)
         self._fd = fd
+        self.created = False  # set by claim() when this run made the folder
         stale = _read(fd)
         if stale and stale.get("pid") != os.getpid():
             say(
@@ -97,12 +99,19 @@ class RunLock:
         os.fsync(fd)
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock; safe to call twice."""
+        """Remove the lock file and drop the lock; safe to call twice.
+
+        A folder this run created and left empty (it failed before writing anything) goes too,
+        so bad input leaves no partial run folder behind.
+        """
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)  # while still held, so no one locks a doomed file
         os.close(self._fd)
         self._fd = None
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                self.path.parent.rmdir()
 
 
 def _read(fd: int) -> dict:
@@ -186,9 +195,11 @@ def claim(
         raise RunDirError(
             f"train.run_dir={run_dir} is a file, not a folder; choose another train.run_dir"
         )
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir, say)
+        lock.created = created
     except OSError as e:  # read-only, no permission, a parent that is a file, disk full
         raise _cannot_use(run_dir, e) from None
     try:

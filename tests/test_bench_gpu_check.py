@@ -10,7 +10,8 @@ Proves:
   and training on image folders without DALI ends with one line naming DALI and the fix,
   exit code 2, and no run folder;
 - the budget holds: a row that runs past it is cut, the rest are marked not run, and the
-  files are complete.
+  files are complete; bad input (a budget too small, an unwritable folder, no GPU without
+  --dry-run) is refused with a message naming the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from repro.bench import gpu_check
 
@@ -119,3 +121,14 @@ def test_budget_cuts_a_long_row_and_marks_the_rest(tmp_path, monkeypatch):
         json.dumps(record["rows"])
     )
     assert gpu_check.problems(record)  # a cut check is not a clean one
+
+
+def test_bad_input_names_the_fix(tmp_path):
+    with pytest.raises(gpu_check.GpuCheckError, match="--budget-s must be more than"):
+        gpu_check.run(tmp_path, budget_s=1, dry_run=True)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(gpu_check.GpuCheckError, match="cannot write to --out"):
+        gpu_check.run(tmp_path / "a_file" / "out", budget_s=60, dry_run=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(gpu_check.GpuCheckError, match="no CUDA GPU.*--dry-run"):
+            gpu_check.run(tmp_path, budget_s=60, dry_run=False)

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -104,9 +105,9 @@ class Clock:
         return self.deadline - time.monotonic() - RESERVE_S
 
     @contextlib.contextmanager
-    def alarm(self, seconds: float | None = None):
-        """Raise OverBudget in this (main) thread after `seconds` (default: all that is left)."""
-        limit = self.left() if seconds is None else min(seconds, self.left())
+    def alarm(self):
+        """Raise OverBudget in this (main) thread when the budget runs out."""
+        limit = self.left()
         if limit <= 0:
             raise OverBudget()
 
@@ -149,11 +150,12 @@ def run_tests(out: Path, seconds: float) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # pytest and anything it started
         output, _ = proc.communicate()
         status = f"cut: budget ({seconds:.0f} s)"
+    cases = _junit_cases(xml)
     return {
         "status": status,
         "seconds": round(time.monotonic() - begun, 1),
-        "counts": _junit_counts(xml),
-        "tests": _junit_cases(xml),
+        "counts": dict(Counter(c["outcome"] for c in cases)),
+        "tests": cases,
         "output_tail": output[-4000:],
     }
 
@@ -170,13 +172,6 @@ def _junit_cases(xml: Path) -> list[dict]:
                 outcome, detail = tag, (found.get("message") or "")[:300]
         cases.append({"name": case.get("name"), "outcome": outcome, "detail": detail})
     return cases
-
-
-def _junit_counts(xml: Path) -> dict:
-    counts: dict[str, int] = {}
-    for case in _junit_cases(xml):
-        counts[case["outcome"]] = counts.get(case["outcome"], 0) + 1
-    return counts
 
 
 # -- steps 3 and 4: the rows --------------------------------------------------------------------

@@ -126,7 +126,7 @@ class DaliContender:
         batches = self._batches()
         yield batches
         batches.close()
-        self.loader._runner.drain()  # the batches still in flight finish here, untimed
+        self.loader.drain()  # the batches still in flight finish here, untimed
 
     def _batches(self):
         while True:

@@ -272,7 +272,7 @@ def test_predict_probabilities_unreadable_files_and_plots(setup):
     assert result.returncode == 1, result.stderr  # some inputs were unreadable
     skipped = [ln for ln in result.stderr.splitlines() if ln.startswith("predict: skipped")]
     assert skipped == [
-        f"predict: skipped {bad}: not a JPEG or PNG (starts with b'<htm')",
+        f"predict: skipped {bad}: not an image DALI decodes (starts like b'<htm')",
         f"predict: skipped {missing}: no such file",
     ]
     out = json.loads(result.stdout)

@@ -126,7 +126,7 @@ class DaliContender:
         batches = self._batches()
         yield batches
         batches.close()
-        self.loader._runner.drain()  # the batches still in flight finish here, untimed
+        self.loader.drain()  # the batches still in flight finish here, untimed
 
     def _batches(self):
         while True:
@@ -174,9 +174,8 @@ class TorchContender:
 
 def _cpu_seconds(pids: list[int]) -> float:
     """CPU time (user + system) of this process, all its threads, and the live processes pids."""
-    times = os.times()
-    total = times.user + times.system
-    tick = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()  # every thread of this process, at the clock's resolution
+    tick = os.sysconf("SC_CLK_TCK")  # /proc counts the workers' time in these (10 ms)
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -321,7 +320,7 @@ def report(args: argparse.Namespace, figures: dict[str, list[tuple]], waits: lis
             other = name.replace(DaliContender.kind, TorchContender.kind)
             label = name.split(" | ")[1]
             speed = [a[0] / b[0] for a, b in zip(figures[name], figures[other])]
-            cpu = [b[1] / a[1] for a, b in zip(figures[name], figures[other])]
+            cpu = [b[1] / a[1] for a, b in zip(figures[name], figures[other]) if a[1] > 0]
             ratios[label] = {"images_per_s": kit.spread(speed), "cpu_per_image": kit.spread(cpu)}
     header = ["loader | data", "workers", "batch", "images/s", "min-max", "per core"]
     kit.print_table([*header, "CPU ms/img", "min-max"], rows)

@@ -113,14 +113,9 @@ def inspect(path: str, max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple[
         return f"over the pixel limit: {e}", (0, 0)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         return f"unreadable header: {type(e).__name__}: {e}", (0, 0)
-    if w * h > max_pixels:
-        return (
-            f"over the pixel limit: {w}x{h} = {w * h:,} pixels > data.max_pixels {max_pixels:,}",
-            (
-                h,
-                w,
-            ),
-        )
+    if w * h > max_pixels:  # a decompression bomb decodes to gigabytes: skip it, named
+        limit = f"{w}x{h} = {w * h:,} pixels > data.max_pixels {max_pixels:,}"
+        return f"over the pixel limit: {limit}", (h, w)
     return None, (h, w)
 
 

@@ -168,6 +168,10 @@ class TrainLoader:
             self._draws = (epoch, draws)
         return self._draws[1]
 
+    def drain(self) -> None:
+        """Wait for the batches DALI still decodes for an abandoned epoch, and drop them."""
+        self._runner.drain()
+
     def epoch(
         self, epoch: int, start_step: int = 0, lighting: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -42,6 +42,25 @@ def test_lrn_matches_formula(semantics, alpha_on_sum):
     assert not torch.allclose(got, lrn_formula(a, other), rtol=1e-3)
 
 
+@pytest.mark.parametrize("semantics", ["per_window", "per_sum"])
+def test_lrn_gradient_is_the_formulas(semantics):
+    """The hand-written backward against numerical differences and PyTorch's LRN autograd."""
+    torch.manual_seed(2)
+    lrn = response_norm(ModelConfig(lrn_alpha=semantics))
+    a = (torch.rand(2, 7, 3, 3, dtype=torch.float64) * 300).requires_grad_()
+    assert torch.autograd.gradcheck(lrn, (a,), eps=1e-4, atol=1e-8, rtol=1e-6)
+    reference = torch.nn.LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
+    g = torch.randn(2, 7, 3, 3, dtype=torch.float64)
+    (mine,) = torch.autograd.grad(lrn(a), a, g)
+    (theirs,) = torch.autograd.grad(reference(a), a, g)
+    torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    # channels_last maps take the (B, H, W, C) product and give the same numbers.
+    b = a.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    (last,) = torch.autograd.grad(lrn(b), b, g)
+    torch.testing.assert_close(lrn(b), lrn(a), rtol=1e-12, atol=0)
+    torch.testing.assert_close(last, mine, rtol=1e-12, atol=1e-15)
+
+
 def test_lrn_acts_within_a_tower():
     """Channels 46-47 of tower 0 and 0-1 of tower 1 are normalized by their own tower only."""
     cfg = ModelConfig(num_classes=10)

@@ -28,24 +28,76 @@ def response_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class ResponseNorm(nn.LocalResponseNorm):
-    """nn.LocalResponseNorm's function, with the channel window summed from shifted slices.
+    """nn.LocalResponseNorm's function with a cheaper exact forward and backward (`_ResponseNorm`).
 
-    PyTorch sums the window with avg_pool3d, whose backward dominates a CPU training step
-    (docs/performance.md: 2.5x slower forward + backward than these `size` adds). Same
-    zero padding (size//2 before, (size-1)//2 after) and the same alpha/size per element;
-    results agree to float rounding. Low-precision inputs are summed in float32.
+    Same module type, arguments and (empty) state dict as PyTorch's; same zero padding of the
+    window (size//2 before, (size-1)//2 after) and alpha/size per element. Results agree to
+    float rounding (docs/performance.md). Low-precision inputs are normalised in float32.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        squares = x.float().square() if x.dtype in (torch.bfloat16, torch.float16) else x * x
-        channels = x.shape[1]
-        pad = [0, 0] * (x.dim() - 2) + [self.size // 2, (self.size - 1) // 2]
-        padded = nn.functional.pad(squares, pad)
-        window = padded[:, :channels]
-        for shift in range(1, self.size):
-            window = window + padded[:, shift : shift + channels]
-        scale = (window * (self.alpha / self.size) + self.k).pow(self.beta)
-        return x / scale.to(x.dtype)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        band = _window_band(x.shape[1], self.size, self.alpha / self.size, x.device, dtype)
+        return _ResponseNorm.apply(x, band, self.k, self.beta)
+
+
+def _window_band(
+    channels: int, size: int, scale: float, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """(C, C): `scale` where channel j is in channel i's window, else 0.
+
+    The window is cut at the first and last channel, as the zero padding of §3.3's formula
+    does: the band never reaches past a tower's own channels.
+    """
+    i = torch.arange(channels, device=device)
+    offset = i[None, :] - i[:, None]  # j - i
+    inside = (offset >= -(size // 2)) & (offset <= (size - 1) // 2)
+    return inside.to(dtype) * scale
+
+
+def _window_sum(t: Tensor, band: Tensor) -> Tensor:
+    """sum over each channel's window, scaled: one (C, C) product per pixel, in t's layout.
+
+    A matrix product reads t once; the shifted-slice sum it replaces read it `size` times
+    and its backward wrote a zero-padded copy per shift. The band is symmetric.
+    """
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return (t.permute(0, 2, 3, 1) @ band).permute(0, 3, 1, 2)  # (B, H, W, C) @ (C, C)
+    b, c = t.shape[:2]
+    return (band @ t.reshape(b, c, -1)).view(t.shape)  # (C, C) @ (B, C, H*W)
+
+
+class _ResponseNorm(torch.autograd.Function):
+    """§3.3 LRN, b = a * s^-beta with s = k + alpha/n * sum_window a^2.
+
+    forward: s from one band product of the squares, then b = a * s^-beta.
+    backward: grad_a = g * s^-beta - 2 beta * a * sum_window(alpha/n * g * b / s), the exact
+    gradient (the window is symmetric, so the same band product serves), in a handful of
+    passes over the maps instead of the dozens autograd records for the forward's pieces.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, band: Tensor, k: float, beta: float) -> Tensor:
+        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        s = _window_sum(xf * xf, band).add_(k)
+        inv = s.pow(-beta)
+        ctx.save_for_backward(xf, s, inv, band)
+        ctx.beta = beta
+        return (xf * inv).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xf, s, inv, band = ctx.saved_tensors
+        g = grad.to(xf.dtype)
+        t = g * xf
+        t.mul_(inv).div_(s)  # g * b / s
+        out = g * inv
+        out.addcmul_(xf, _window_sum(t, band), value=-2 * ctx.beta)
+        return out.to(grad.dtype), None, None, None
 
 
 class ContrastNorm(nn.Module):
@@ -91,24 +143,42 @@ def spatial_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"input": side, "conv1": conv1, "pool1": pool1, "pool2": pool2, "pool5": pool5}
 
 
-def mask_seed(seed: int, tower: int, layer: int, draw: int) -> int:
-    """A 63-bit seed for one dropout mask, a pure function of its coordinates."""
-    return int(
-        np.random.SeedSequence([seed, tower, layer, draw]).generate_state(2, np.uint64)[0] >> 1
-    )
+_LOW32 = 0xFFFFFFFF
 
 
-def tower_dropout(h: Tensor, p: float, seed: int, replica: int, replicas: int) -> Tensor:
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds, constants from Chris Wellons' hash
+    prospector) on int64 tensors holding values below 2^32; the multipliers are below 2^31,
+    so no product leaves int64 on any device."""
+    x = ((x ^ (x >> 16)) * 0x21F0AAAD) & _LOW32
+    x = ((x ^ (x >> 15)) * 0x735A2D97) & _LOW32
+    return x ^ (x >> 15)
+
+
+def mask_key(seed: int, tower: int, layer: int) -> int:
+    """A 32-bit key for one (seed, tower, layer)'s masks, fixed when the net is built."""
+    return int(np.random.SeedSequence([seed, tower, layer]).generate_state(1, np.uint32)[0])
+
+
+def mask_seed(key: int, draw: Tensor) -> Tensor:
+    """The seed of the `draw`-th mask with this key: a device tensor, so a compiled step reads
+    the counter without a recompile and a captured step (CUDA graphs) sees it change."""
+    return _mix((draw & _LOW32) ^ key)
+
+
+def tower_dropout(h: Tensor, p: float, seed: int | Tensor, replica: int, replicas: int) -> Tensor:
     """§4.2 dropout whose mask does not depend on the layout.
 
-    The mask is drawn for the whole global batch (replicas x b rows) from a generator seeded by
-    the caller from (seed, tower, layer, draw), and this replica keeps its own rows; so one
-    process with the whole batch and R replicas with a slice each drop the same neurons.
-    Surviving activations are scaled by 1/(1-p) (inverted dropout: test time needs no scaling).
+    Element (row, j) of the mask for the whole global batch (replicas x b rows) is kept when a
+    hash of (seed, row * width + j) is at least p of its range: a counter-based draw, so this
+    replica computes its own rows only, and one process with the whole batch and R replicas
+    with a slice each drop the same neurons. The seed comes from (seed, tower, layer, draw)
+    (`mask_seed`); it may be a device tensor. Surviving activations are scaled by 1/(1-p)
+    (inverted dropout: test time needs no scaling).
     """
-    gen = torch.Generator(device=h.device)
-    gen.manual_seed(seed)
-    b = h.shape[0]
-    noise = torch.rand((b * replicas, *h.shape[1:]), generator=gen, device=h.device)
-    keep = noise[replica * b : (replica + 1) * b] >= p
-    return h * keep.to(h.dtype) / (1.0 - p)
+    b, width = h.shape[0], h[0].numel()
+    rows = torch.arange(replica * b, (replica + 1) * b, device=h.device)
+    index = rows[:, None] * width + torch.arange(width, device=h.device)  # global, row-major
+    bits = _mix(_mix((index & _LOW32) ^ seed) ^ (index >> 32))  # 32 uniform bits per element
+    keep = (bits >> 8) >= round(p * 2**24)  # 24 bits: P(keep) = 1 - p to 6e-8
+    return h * (keep.view(h.shape).to(h.dtype) * (1.0 / (1.0 - p)))

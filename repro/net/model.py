@@ -31,6 +31,7 @@ from repro.config import ModelConfig
 from repro.net.dist import Layout, single_process_layout
 from repro.net.layers import (
     ContrastNorm,
+    mask_key,
     mask_seed,
     max_pool,
     response_norm,
@@ -70,7 +71,7 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 class Tower(nn.Module):
     """One tower's share of every layer (what one GTX 580 held in 2012)."""
 
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, cfg: ModelConfig, index: int, seed: int = 0):
         super().__init__()
         self.index = index
         shapes = layer_shapes(cfg)
@@ -97,7 +98,10 @@ class Tower(nn.Module):
         self.cnorm2 = ContrastNorm() if cfg.cnorm2 else nn.Identity()
         self.pool = max_pool(cfg)
         self.norm_before_relu = cfg.lrn_before_relu_conv1
-        self.dropout_draws = 0  # masks drawn so far; saved in the state dict, see get_extra_state
+        # Masks drawn so far, a device tensor (a compiled or captured step counts without the
+        # host); saved in the state dict as a number, see get_extra_state.
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.mask_keys = {layer: mask_key(seed, index, layer) for layer in (6, 7)}
 
     def block1(self, x: Tensor) -> Tensor:
         """conv1 -> ReLU -> LRN -> pool (§3.1, §3.3, §3.4); the original code normed before the ReLU."""
@@ -109,11 +113,15 @@ class Tower(nn.Module):
         """conv2 -> ReLU -> LRN (-> cnorm2) -> pool."""
         return self.pool(self.cnorm2(self.norm2(F.relu(self.conv2(x)))))
 
+    @property
+    def dropout_draws(self) -> int:
+        return int(self.draws)
+
     def get_extra_state(self) -> dict:
         return {"dropout_draws": self.dropout_draws}
 
     def set_extra_state(self, state: dict) -> None:
-        self.dropout_draws = int(state["dropout_draws"])
+        self.draws.fill_(int(state["dropout_draws"]))
 
 
 class AlexNet(nn.Module):
@@ -132,8 +140,10 @@ class AlexNet(nn.Module):
         # Built on the meta device and filled by reset_parameters: PyTorch's default init of
         # 60M weights would cost seconds only to be overwritten.
         with torch.device("meta"):
-            towers = nn.ModuleDict({str(t): Tower(cfg, t) for t in self.layout.local_towers})
+            towers = nn.ModuleDict({str(t): Tower(cfg, t, seed) for t in self.layout.local_towers})
         self.towers = towers.to_empty(device="cpu")
+        for tower in self.towers.values():
+            tower.draws.zero_()
         self.class_split = split_classes(cfg.num_classes, cfg.towers)
         self.reset_parameters()
 
@@ -172,19 +182,17 @@ class AlexNet(nn.Module):
             return [layer(parts, self.layout) for layer in layers]
         return [layer(a) for layer, a in zip(layers, parts)]
 
-    @torch.compiler.disable  # Python ints and a seeded generator: traced, each step recompiles
     def dropout(self, h: Tensor, tower: Tower, layer: int) -> Tensor:
         """§4.2 dropout drawn by the tower that owns the neurons, before the exchange."""
         if not self.training or self.cfg.dropout == 0:
             return h
-        seed = mask_seed(self.seed, tower.index, layer, tower.dropout_draws)
+        seed = mask_seed(tower.mask_keys[layer], tower.draws)  # a device tensor: traceable
         return tower_dropout(h, self.cfg.dropout, seed, self.layout.replica, self.layout.replicas)
 
-    @torch.compiler.disable  # a Python counter: traced, every new value would recompile
     def count_draws(self, towers: list[Tower]) -> None:
         """One more mask drawn per tower (the dropout seeds' coordinate; saved in checkpoints)."""
         for t in towers:
-            t.dropout_draws += 1
+            t.draws.add_(1)  # in place on the device: no host sync, no recompile
 
     def check_input(self, images: Tensor) -> None:
         s = self.cfg.image_size

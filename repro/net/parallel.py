@@ -201,6 +201,13 @@ def _input_grad(geo: Geometry, grad: Tensor, x: Tensor, weight: Tensor) -> Tenso
     return _conv_backward(geo, grad, x, weight, [True, False, False])[0]
 
 
+def _all_grads(geo: Geometry, grad: Tensor, x: Tensor, weight: Tensor, bias: bool):
+    """Input, weight and bias gradients of the whole layer in one product (one process)."""
+    if geo is None:
+        return grad @ weight, grad.t() @ x, grad.sum(0) if bias else None
+    return _conv_backward(geo, grad, x, weight, [True, True, bias])
+
+
 def _weight_grads(geo: Geometry, grad: Tensor, x: Tensor, weight: Tensor, bias: bool):
     if geo is None:
         return grad.t() @ x, grad.sum(0) if bias else None
@@ -217,11 +224,13 @@ class _LinkedLayer(torch.autograd.Function):
     backward: the input gradient of every share (across ranks: reduce_scatter, async, which
     adds the other towers' and keeps the own share) while the weight gradient is computed.
 
-    In one process every share is an input and autograd adds the towers' input gradients:
-    the same arithmetic, so every layout rounds alike. That matters: a max-pool downstream
+    In one process every share is an input, the forward runs the same arithmetic, so every
+    layout's activations are bit for bit the same. That matters: a max-pool downstream
     routes its gradient by argmax, and the rounding of a whole-input product can flip a
-    near-tie between layouts. The weight (out, T*C_in, ...) is the same parameter in every
-    layout; only the order of the sum over input channels is by tower.
+    near-tie between layouts (the paper's init makes conv5's maps nearly flat). The backward,
+    which no argmax reads, is one whole-layer product there, and autograd adds the towers'
+    input gradients. The weight (out, T*C_in, ...) is the same parameter in every layout;
+    only the order of the forward's sum over input channels is by tower.
     """
 
     @staticmethod
@@ -255,21 +264,24 @@ class _LinkedLayer(torch.autograd.Function):
         # Autocast is off in backward: compute in the forward's dtype, as autocast did.
         grad, weight_c = grad.to(dtype), weight.to(dtype)
         shares = [s.to(dtype) for s in shares]
-        columns = weight_c.chunk(towers, dim=1)
-        share_grads = [_input_grad(geo, grad, x, w) for x, w in zip(shares, columns)]
-        if group is not None:  # the other ranks add theirs; this rank keeps its own share
+        whole = torch.cat(shares, dim=1)  # (B, T*C_in, ...): the input the weight saw
+        if group is None:
+            # Nothing to send: one product for every gradient, the cheapest on any device.
+            # (Only the forward must round as the ranks do; see the class docstring.)
+            grad_whole, grad_weight, grad_bias = _all_grads(geo, grad, whole, weight_c, has_bias)
+            share_grads = list(grad_whole.chunk(towers, dim=1))
+        else:  # the other ranks add theirs; this rank keeps its own share
+            columns = weight_c.chunk(towers, dim=1)
+            share_grads = [_input_grad(geo, grad, x, w) for x, w in zip(shares, columns)]
             stacked = torch.cat([_dense(g) for g in share_grads])  # (T*B, ...), rank order
             own = stacked.new_empty(stacked.chunk(towers)[0].shape)
             work = _reduce_scatter(own, stacked, group, async_op=True)
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # while the input grads travel
-            whole = torch.cat(shares, dim=1)  # (B, T*C_in, ...): the input the weight saw
+            # The weight gradient while the input gradients travel.
             grad_weight, grad_bias = _weight_grads(geo, grad, whole, weight_c, has_bias)
-            grad_weight = grad_weight.to(weight.dtype)
-            grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
-        if group is not None:
             _wait(work)
             share_grads = [_logical(own, cl)]
+        grad_weight = grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
         grad_parts = [g.to(x_dtype) for g in share_grads]
         return None, None, None, None, grad_weight, grad_bias, *grad_parts
 

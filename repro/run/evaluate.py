@@ -5,7 +5,8 @@
 loader keeps an image's ten views consecutive, so (b*10, C) logits reshape to (b, 10, C).
 
 Replicas evaluate disjoint shards; their counts are summed over the replica group, so every
-rank returns the figures of the whole validation set.
+rank returns the figures of the whole validation set. Under train.parallel='owt' the net's
+forward spans all ranks: they step through their shards together and each counts its own rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from repro.net.dist import Layout
+from repro.net.schemes import lockstep_batches, own_rows
 
 VIEWS = {"center": 1, "ten": 10}
 
@@ -54,9 +56,9 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     top_k_hits = torch.zeros((), dtype=torch.float64)
     nll = torch.zeros((), dtype=torch.float64)  # sum of -log p(true class), p as averaged
-    for images, labels in batches:
+    for images, labels in lockstep_batches(batches, layout, views, model):  # 'owt': in step
         probs = class_probabilities(model, images, views, autocast)
-        labels = labels.view(-1).to(probs.device)
+        probs, labels = own_rows(probs, labels.view(-1).to(probs.device), layout)
         if probs.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"{patches} evaluation got {images.shape[0]} images for {labels.shape[0]} "

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from repro.config import Config, config_to_dict, save_config, validate_for_layout
 from repro.data.folders import DataError
 from repro.data.loaders import build_eval_loader, build_train_loader
-from repro.net.dist import Layout, init_distributed, teardown
+from repro.net.dist import Layout, grid_shape, init_distributed, teardown
 from repro.net.model import AlexNet
 from repro.net.schemes import (
     batch_labels,
@@ -101,6 +101,8 @@ def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
 
 def main(cfg: Config) -> dict:
     """Train as configured; returns the final metrics. Process groups are always torn down."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # a batch the scheme cannot split: no group yet
+    validate_for_layout(cfg, grid_shape(world, cfg.model.towers, cfg.train.parallel)[0])
     layout = init_distributed(
         cfg.model.towers, cfg.train.device, cfg.train.dist_timeout_s, cfg.train.parallel
     )

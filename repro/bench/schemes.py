@@ -285,6 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv-ms", type=float, help="conv ms per image for the model (else measured)"
     )
     parser.add_argument("--fc-ms", type=float, help="fc6-fc8 ms per image for the model")
+    parser.add_argument("--no-rows", action="store_true", help="--schemes: the model only")
 
 
 def run(args: argparse.Namespace, s: dict, tiny: bool) -> dict:
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace, s: dict, tiny: bool) -> dict:
     else:
         compute = measure_compute(cfg, batch, s["device"], repeats=1 if tiny else 3)
     model = modelled(cfg, compute, args.per_gpu_batch)
-    rows = measured_rows(cfg, batch, threads, 1, 2 if tiny else 3)
+    rows = [] if args.no_rows else measured_rows(cfg, batch, threads, 1, 2 if tiny else 3)
     result = {"compute": compute, "model": model, "measured": rows}
     print_schemes(result, args.per_gpu_batch)
     return result
@@ -328,6 +329,8 @@ def print_schemes(result: dict, b: int) -> None:
             }
             rows.append([link, scheme, *(f"{mine[k]['speedup']:.2f}x" for k in RANKS)])
     benchkit.print_table(header, rows)
+    if not result["measured"]:
+        return
     print("\nmeasured on this CPU, gloo ranks (median [min-max] ms per training step):")
     benchkit.print_table(
         ["scheme", "ranks", "thr/rank", "batch", "step ms", "images/s"],

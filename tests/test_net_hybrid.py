@@ -7,10 +7,14 @@ train mode with dropout (the same masks), and so do the parameters and momentum 
 steps; 'owt' with K = 4 splits one tower's fc rows over two ranks and fc8's 7 classes 2, 2,
 2, 1. A checkpoint's state moves from 'owt' to 'towers' ranks and from one process to 'owt',
 and the next step still equals one process; evaluation under 'owt' with shards of unequal
-length gives one process's figures. Bad world sizes and batches are refused naming what fits.
+length gives one process's figures; on one process 'owt' is the one-process net, the
+layers-150 variant (fc8_only) and an odd class count included. Bad world sizes and batches
+are refused naming what fits.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -206,6 +210,27 @@ def test_four_ranks_data_and_owt_equal_one_process():
         for r in results
     ]
     assert fc8 == [(2, 0), (2, 0), (0, 2), (0, 1)]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SMALL, dataclasses.replace(SMALL, exchange="fc8_only", num_classes=5)],
+    ids=["paper", "fc8_only_odd_classes"],
+)
+def test_owt_in_one_process_is_the_one_process_net(cfg):
+    """K = 1: the shares are whole towers; fc8_only's fc6/fc7 read their own tower's columns."""
+    owt = build_model(cfg, single_process_layout(2, parallel="owt"), seed=3).train()
+    ref = AlexNet(cfg, seed=3).train()
+    assert isinstance(owt, HybridAlexNet)
+    x = torch.randn(
+        4, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)
+    )
+    logits, ref_logits = owt(x), ref(x)
+    assert rel_err(logits, ref_logits) <= TOL
+    (logits**2).sum().backward()
+    (ref_logits**2).sum().backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert max_err({n: p.grad for n, p in owt.named_parameters()}, ref_grads)[0] <= TOL
 
 
 # -- layouts and batches the schemes cannot split ---------------------------------------------

@@ -74,10 +74,11 @@ class Layout:
         if not self.distributed:
             return f"1 process, towers {list(self.local_towers)} on {self.device}"
         if self.parallel != "towers":
-            split = "convolutions per rank, fc6-fc8 split" if self.parallel == "owt" else "both"
+            held = "both towers" if self.parallel == "data" else "both towers' conv1-conv5"
+            split = f", fc6-fc8 split {self.world_size} ways" if self.parallel == "owt" else ""
             return (
-                f"{self.world_size} ranks, parallel={self.parallel} ({split} towers on every "
-                f"rank); rank {self.rank} on {self.device}"
+                f"{self.world_size} ranks, parallel={self.parallel} ({held} on every rank"
+                f"{split}); rank {self.rank} on {self.device}"
             )
         return (
             f"{self.world_size} ranks = {self.replicas} replica(s) x {self.towers} tower(s); "

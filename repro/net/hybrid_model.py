@@ -106,16 +106,16 @@ class HybridAlexNet(AlexNet):
         h = [t.pool(F.relu(t.conv5(a))) for t, a in zip(towers, h)]  # (b, 128, 6, 6)
         x = torch.cat([a.flatten(1) for a in h], dim=1)  # (b, 9216), tower 0's features first
         x = gather_batch_for_split_layer(x, self.layout)  # (K*b, 9216): every rank's images
-        h = [self.dropout(F.relu(t.fc6(self.fc_input(x, t, 6))), t, 6) for t in towers]
+        h = [self.dropout(F.relu(t.fc6(self.fc_input(x, t))), t, 6) for t in towers]
         x = gather_units_for_split_layer(torch.cat(h, 1), self.layout, self.shares["fc6"])
-        h = [self.dropout(F.relu(t.fc7(self.fc_input(x, t, 7))), t, 7) for t in towers]
+        h = [self.dropout(F.relu(t.fc7(self.fc_input(x, t))), t, 7) for t in towers]
         x = gather_units_for_split_layer(torch.cat(h, 1), self.layout, self.shares["fc7"])
         logits = torch.cat([t.fc8(x) for t in towers], 1)  # (K*b, this rank's classes)
         if self.training:
             self.count_draws(towers)
         return gather_units_for_replicated(logits, self.layout, self.shares["fc8"])
 
-    def fc_input(self, x: Tensor, tower: Tower, layer: int) -> Tensor:
+    def fc_input(self, x: Tensor, tower: Tower) -> Tensor:
         """fc6/fc7 read both towers (§3.5); with model.exchange='fc8_only' only their own."""
         if self.cfg.exchange == "paper":
             return x

@@ -154,6 +154,11 @@ class TrainConfig:
     overwrite: bool = False
     """A fresh run into a run_dir that holds another run: refused unless true; then the old run
     is moved aside to <run_dir>.replaced-<time> (never deleted)."""
+    parallel: str = "towers"
+    """How ranks share the work. 'towers': the paper's model parallel, one tower per rank (R
+    replicas x 2 towers); 'data': every rank holds both towers, gradients averaged over all
+    ranks; 'owt': "one weird trick" (PAPER.md §7): convolutions data parallel, fc6-fc8 split
+    into 1/K of their units on each of K ranks, over all K ranks' images."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.channels_last": ("auto", "on", "off"),
     "train.compile": ("auto", "on", "off"),
+    "train.parallel": ("towers", "data", "owt"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 """The fields that take one of a fixed set of values."""
@@ -269,7 +275,8 @@ def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
 
     - choice fields (CHOICES): model.towers 1|2, model.exchange, model.pool, model.lrn_alpha,
       data.source, data.mean, data.decode, optim.schedule, train.device, train.precision,
-      train.channels_last, train.compile, wandb.mode must be one of their choices;
+      train.channels_last, train.compile, train.parallel, wandb.mode must be one of their
+      choices;
     - the ranges in _RANGES: num_classes >= 2; widths are 5 positive ints; fc_width,
       image_size >= 1; pad_right_bottom >= 0; init stds > 0; dropout in [0, 1); resize,
       crop, threads, synthetic_images >= 1; lighting_std >= 0; val_fraction in (0, 1);
@@ -344,8 +351,11 @@ def validate_for_layout(cfg: Config, replicas: int) -> None:
     """At run time: the global batch must split evenly over replicas and then over towers.
 
     Each replica takes batch_size / replicas images and each of its T tower ranks decodes 1/T
-    of those (DESIGN "Data"), so batch_size must be a multiple of replicas * towers.
+    of those (DESIGN "Data"), so batch_size must be a multiple of replicas * towers. Under
+    train.parallel 'data' or 'owt' every rank is a replica of its own (`replicas` = K ranks).
     """
+    if cfg.train.parallel != "towers":
+        return _validate_per_rank_scheme(cfg, replicas)
     unit = replicas * cfg.model.towers
     if cfg.train.batch_size % unit:
         b = cfg.train.batch_size
@@ -354,6 +364,26 @@ def validate_for_layout(cfg: Config, replicas: int) -> None:
             f"train.batch_size = {b} cannot be split over {replicas} replica(s) x "
             f"{cfg.model.towers} tower(s): it must be a multiple of {unit}, e.g. "
             + " or ".join(f"train.batch_size={n}" for n in nearest)
+        )
+
+
+def _validate_per_rank_scheme(cfg: Config, ranks: int) -> None:
+    """'data' and 'owt': each of the K ranks decodes and convolves its own batch_size / K images;
+    'owt' also gives each rank 1/K of fc8's classes (and of fc6/fc7's units), at least one."""
+    b, p = cfg.train.batch_size, cfg.train.parallel
+    if b % ranks:
+        nearest = sorted({max(ranks, b - b % ranks), b - b % ranks + ranks})
+        raise ConfigError(
+            f"train.batch_size = {b} cannot be split over {ranks} ranks (train.parallel={p}: "
+            f"each rank takes its own images): it must be a multiple of {ranks}, e.g. "
+            + " or ".join(f"train.batch_size={n}" for n in nearest)
+        )
+    m = cfg.model
+    units = min(m.num_classes, m.fc_width * m.towers)
+    if p == "owt" and ranks > units:
+        raise ConfigError(
+            f"train.parallel=owt on {ranks} ranks splits fc8's {m.num_classes} classes and "
+            f"fc6/fc7's {m.fc_width * m.towers} units {ranks} ways: use at most {units} ranks"
         )
 
 

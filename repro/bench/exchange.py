@@ -29,6 +29,7 @@ import statistics
 import torch
 
 from repro.bench import kit as benchkit
+from repro.bench import schemes
 from repro.bench.step import Case, Job, rank_main
 from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
 from repro.bench.train import TINY
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile", default="", metavar="DIR", help="also profile the real step: traces to DIR"
     )
     parser.add_argument("--out", help="JSON file (default runs/bench/exchange.json)")
+    parser.add_argument("--per-gpu-batch", type=int, default=128, help="b of the schemes table")
 
 
 def volume_rows(
@@ -123,8 +125,10 @@ def run(args: argparse.Namespace) -> dict:
         "measured": measured,
         "notes": notes,
         "context": ctx,
+        "schemes": schemes.traffic_table(cfg, args.per_gpu_batch, dtype_bytes(args.precision)),
     }
     print_result(result)
+    schemes.print_traffic(result["schemes"])  # data / towers / owt on K = 2, 4, 8, 16
     benchkit.write_json(args.out or "runs/bench/exchange.json", result)
     return result
 

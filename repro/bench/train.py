@@ -43,6 +43,7 @@ import os
 import torch
 
 from repro.bench import kit as benchkit
+from repro.bench import schemes
 from repro.bench.step import Case, Job, build_model, rank_main
 from repro.bench.targets import comparisons, print_rows, target_checks
 from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
@@ -105,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile", default="", metavar="DIR", help="also profile each row: traces go to DIR"
     )
     parser.add_argument("--out", help="JSON file (default runs/bench/<command>.json)")
+    schemes.add_arguments(parser)  # --schemes: data / towers / owt side by side
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -278,6 +280,8 @@ def run(args: argparse.Namespace) -> dict:
         "context": ctx,
     }
     print_rows(result)
+    if getattr(args, "schemes", False) and s["command"] == "train":
+        result["schemes"] = schemes.run(args, s, args.tiny)
     benchkit.write_json(args.out or f"runs/bench/{s['command']}.json", result)
     return result
 

@@ -13,6 +13,10 @@ numbers the nodes itself; without `--rdzv-backend c10d` torchrun's static rendez
 every node node 0 unless each is given its own `--node-rank` and `--master-addr`:
 
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB launch/train.py ...
+
+`train.parallel` 'data' and 'owt' (PAPER.md §7) use the same grid with one rank per replica:
+every rank holds every tower (no tower group) and the replica group is all K ranks. Under
+'owt' that group also splits fc6-fc8 and exchanges their activations (repro/net/hybrid.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.rendezvous import rendezvous
+
+PARALLEL = ("towers", "data", "owt")
 
 
 class LayoutError(ValueError):
@@ -50,6 +56,8 @@ class Layout:
     replica_group: ProcessGroup | None
     """The ranks holding the same tower across replicas (None when there is one replica)."""
     device: torch.device
+    parallel: str = "towers"
+    """The scheme (train.parallel): 'towers', 'data' or 'owt'."""
 
     @property
     def is_main(self) -> bool:
@@ -73,13 +81,22 @@ class Layout:
     def describe(self) -> str:
         if not self.distributed:
             return f"1 process, towers {list(self.local_towers)} on {self.device}"
+        if self.parallel != "towers":
+            held = "both towers" if self.parallel == "data" else "both towers' conv1-conv5"
+            split = f", fc6-fc8 split {self.world_size} ways" if self.parallel == "owt" else ""
+            return (
+                f"{self.world_size} ranks, parallel={self.parallel} ({held} on every rank"
+                f"{split}); rank {self.rank} on {self.device}"
+            )
         return (
             f"{self.world_size} ranks = {self.replicas} replica(s) x {self.towers} tower(s); "
             f"rank {self.rank}: replica {self.replica}, tower {self.local_towers[0]} on {self.device}"
         )
 
 
-def single_process_layout(towers: int = 2, device: str | torch.device = "cpu") -> Layout:
+def single_process_layout(
+    towers: int = 2, device: str | torch.device = "cpu", parallel: str = "towers"
+) -> Layout:
     """All towers in this process: the reference form every multi-rank layout must equal."""
     return Layout(
         world_size=1,
@@ -91,6 +108,7 @@ def single_process_layout(towers: int = 2, device: str | torch.device = "cpu") -
         tower_group=None,
         replica_group=None,
         device=torch.device(device),
+        parallel=parallel,
     )
 
 
@@ -143,14 +161,18 @@ def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) ->
     return device
 
 
-def grid_shape(world_size: int, towers: int) -> tuple[int, int]:
+def grid_shape(world_size: int, towers: int, parallel: str = "towers") -> tuple[int, int]:
     """(replicas, ranks per replica) for a world size, or an error saying what would fit."""
+    if parallel not in PARALLEL:
+        raise LayoutError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if towers not in (1, 2):
         raise LayoutError(f"towers must be 1 or 2, got {towers}")
     if world_size < 1:
         raise LayoutError(f"world size must be >= 1, got {world_size}")
     if world_size == 1:
         return 1, 1
+    if parallel != "towers":  # 'data', 'owt': every rank holds every tower
+        return world_size, 1
     if world_size % towers:
         raise LayoutError(
             f"world size {world_size} cannot hold {towers}-tower replicas: use 1 process "
@@ -159,7 +181,9 @@ def grid_shape(world_size: int, towers: int) -> tuple[int, int]:
     return world_size // towers, towers
 
 
-def init_distributed(towers: int = 2, device: str = "auto", timeout_s: float = 300.0) -> Layout:
+def init_distributed(
+    towers: int = 2, device: str = "auto", timeout_s: float = 300.0, parallel: str = "towers"
+) -> Layout:
     """Build the layout from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     Without torchrun, or with WORLD_SIZE=1, this is the one-process layout and no process group
@@ -172,10 +196,10 @@ def init_distributed(towers: int = 2, device: str = "auto", timeout_s: float = 3
     # torchrun sets LOCAL_WORLD_SIZE; a launcher that does not is taken to run every rank
     # here, so that all ranks decide the device alike.
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    replicas, per_replica = grid_shape(world_size, towers)
+    replicas, per_replica = grid_shape(world_size, towers, parallel)
     dev = resolve_device(device, local_rank, local_world_size)
     if world_size == 1:
-        return single_process_layout(towers, dev)
+        return single_process_layout(towers, dev, parallel)
 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -195,11 +219,17 @@ def init_distributed(towers: int = 2, device: str = "auto", timeout_s: float = 3
             timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
-    return _layout_from_groups(world_size, rank, towers, replicas, per_replica, dev)
+    return _layout_from_groups(world_size, rank, towers, replicas, per_replica, dev, parallel)
 
 
 def _layout_from_groups(
-    world_size: int, rank: int, towers: int, replicas: int, per_replica: int, dev: torch.device
+    world_size: int,
+    rank: int,
+    towers: int,
+    replicas: int,
+    per_replica: int,
+    dev: torch.device,
+    parallel: str = "towers",
 ) -> Layout:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -219,6 +249,7 @@ def _layout_from_groups(
         tower_group=tower_group,
         replica_group=replica_group,
         device=dev,
+        parallel=parallel,
     )
 
 

@@ -62,12 +62,20 @@ class GradientAverage:
     reverse registration order (fc8 first, the order backward finishes them), `bucket_mb` at
     most each (DDP's default, 25). `finish()` waits for every bucket and points each .grad at
     its averaged slice (no copy back). `remove()` takes the hooks off. With one replica
-    nothing is hooked and `finish()` does nothing. Every replica launches its buckets in the
+    nothing is hooked and `finish()` does nothing. `summed`: add instead of average (the
+    'owt' convolutions, whose every rank's loss is already the mean over all ranks' images). Every replica launches its buckets in the
     same order, since every replica runs the same graph.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], layout: Layout, bucket_mb: float = 25.0):
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        layout: Layout,
+        bucket_mb: float = 25.0,
+        summed: bool = False,
+    ):
         self.group = layout.replica_group
+        self.op = dist.ReduceOp.SUM if summed else dist.ReduceOp.AVG
         self.buckets: list[_Bucket] = []
         self.where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
         self.handles = []
@@ -97,8 +105,7 @@ class GradientAverage:
             self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
-        op = dist.ReduceOp.AVG
-        bucket.work = dist.all_reduce(bucket.flat, op=op, group=self.group, async_op=True)
+        bucket.work = dist.all_reduce(bucket.flat, op=self.op, group=self.group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket; each trained parameter's .grad becomes its averaged slice."""

@@ -5,7 +5,8 @@
 loader keeps an image's ten views consecutive, so (b*10, C) logits reshape to (b, 10, C).
 
 Replicas evaluate disjoint shards; their counts are summed over the replica group, so every
-rank returns the figures of the whole validation set.
+rank returns the figures of the whole validation set. Under train.parallel='owt' the net's
+forward spans all ranks: they step through their shards together and each counts its own rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from repro.net.dist import Layout
+from repro.net.schemes import lockstep_batches, own_rows
 from repro.run.agree import any_rank
 
 VIEWS = {"center": 1, "ten": 10}
@@ -63,12 +65,14 @@ def evaluate(
     top_k_hits = torch.zeros((), dtype=torch.float64)
     nll = torch.zeros((), dtype=torch.float64)  # sum of -log p(true class), p as averaged
     checked = _batches_on_every_rank(batches, layout) if stop is not None else 0
-    for i, (images, labels) in enumerate(batches):
+    for i, (images, labels) in enumerate(
+        lockstep_batches(batches, layout, views, model)
+    ):  # owt: in step
         if i < checked and any_rank(stop(), layout):
             model.train(was_training)
             return None
         probs = class_probabilities(model, images, views, autocast)
-        labels = labels.view(-1).to(probs.device)
+        probs, labels = own_rows(probs, labels.view(-1).to(probs.device), layout)
         if probs.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"{patches} evaluation got {images.shape[0]} images for {labels.shape[0]} "

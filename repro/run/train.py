@@ -32,10 +32,16 @@ from tqdm import tqdm
 from repro.config import Config, config_to_dict, save_config, validate_for_layout
 from repro.data.folders import DataError
 from repro.data.loaders import build_eval_loader, build_train_loader
-from repro.net.dist import Layout, init_distributed, teardown
+from repro.net.dist import Layout, grid_shape, init_distributed, teardown
 from repro.net.model import AlexNet
-from repro.net.parallel import gather_named_tensors
 from repro.net.replicas import GradientAverage
+from repro.net.schemes import (
+    batch_labels,
+    build_model,
+    full_tensors,
+    gradient_reduction,
+    local_tensors,
+)
 from repro.run import agree, faults, kernels
 from repro.run import checkpoint as ckpt
 from repro.run.evaluate import evaluate
@@ -109,7 +115,11 @@ def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
 def main(cfg: Config) -> dict:
     """Train as configured; returns the final metrics. Process groups are always torn down."""
     kernels.deterministic_env(cfg.train.deterministic)  # before anything starts CUDA
-    layout = init_distributed(cfg.model.towers, cfg.train.device, cfg.train.dist_timeout_s)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # a batch the scheme cannot split: no group yet
+    validate_for_layout(cfg, grid_shape(world, cfg.model.towers, cfg.train.parallel)[0])
+    layout = init_distributed(
+        cfg.model.towers, cfg.train.device, cfg.train.dist_timeout_s, cfg.train.parallel
+    )
     try:
         return train(cfg, layout)
     finally:
@@ -228,7 +238,7 @@ def start(cfg: Config, layout: Layout) -> Run:
         )
 
     # -- model and optimizer: the paper's init and SGD (§5) ------------------------------------
-    model = AlexNet(cfg.model, layout, seed=cfg.train.seed).to(layout.device)
+    model = build_model(cfg.model, layout, seed=cfg.train.seed).to(layout.device)  # by scheme
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
@@ -302,8 +312,10 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
         cfg.train.lighting_off_from_epoch and pos.epoch >= cfg.train.lighting_off_from_epoch
     )
     model.train()
-    # Data parallel over replicas (nothing with one): buckets all_reduced during backward.
-    replicas = GradientAverage(list(model.parameters()), run.layout)
+    # Data parallel over replicas (nothing with one): buckets all_reduced during backward;
+    # under 'owt' only the convolutions, summed (repro/net/schemes.py).
+    params, divisor = gradient_reduction(model, run.layout)
+    replicas = GradientAverage(params, run.layout, summed=divisor == 1)
     steps = run.train_data.steps_per_epoch
     bar = progress_bar(
         run.layout, steps, f"epoch {pos.epoch + 1}/{cfg.train.epochs}", pos.step_in_epoch
@@ -313,7 +325,7 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
         for images, labels in run.train_data.epoch(pos.epoch, pos.step_in_epoch, lighting):
             with run.autocast():
                 logits = run.forward(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(logits.float(), batch_labels(labels, run.layout))
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             replicas.finish()
@@ -416,13 +428,11 @@ def draw_curves(run: Run) -> None:
 
 def checkpoint_state(run: Run) -> dict:
     """Every tower's state gathered into the one-process form (a collective on every rank)."""
-    model, layout = run.model, run.layout
+    model = run.model
     return {
         "format_version": ckpt.FORMAT_VERSION,
         "model": model.full_state_dict(),
-        "optimizer": {
-            "momentum": gather_named_tensors(momentum_by_name(model, run.optimizer), layout)
-        },
+        "optimizer": {"momentum": full_tensors(model, momentum_by_name(model, run.optimizer))},
         "lr_scheduler": schedule_state(run.schedule),
         "epoch": run.pos.epoch,
         "step_in_epoch": run.pos.step_in_epoch,
@@ -553,7 +563,8 @@ def restore(
         model.load_full_state_dict(state["model"])
     except ValueError as err:
         raise ckpt.CheckpointError(f"{path}: {err}") from None
-    load_momentum_by_name(model, optimizer, state.get("optimizer", {}).get("momentum", {}))
+    momentum = state.get("optimizer", {}).get("momentum", {})
+    load_momentum_by_name(model, optimizer, local_tensors(model, momentum))
     if "lr_scheduler" in state:
         load_schedule_state(schedule, state["lr_scheduler"])
     if "rng" in state:

@@ -100,29 +100,33 @@ class HybridAlexNet(AlexNet):
         x = F.pad(images, (0, p, 0, p)) if p else images  # (b, 3, 227, 227)
         h = [t.block1(x) for t in towers]  # (b, 48, 27, 27) per tower
         h = [t.block2(a) for t, a in zip(towers, h)]  # (b, 128, 13, 13)
-        h = self.link(h)  # both towers are here: a concatenation, (b, 256, 13, 13)
-        h = [F.relu(t.conv3(a)) for t, a in zip(towers, h)]  # (b, 192, 13, 13)
+        h = [F.relu(a) for a in self.linked(h, "conv3")]  # both towers here: (b, 192, 13, 13)
         h = [F.relu(t.conv4(a)) for t, a in zip(towers, h)]
         h = [t.pool(F.relu(t.conv5(a))) for t, a in zip(towers, h)]  # (b, 128, 6, 6)
         x = torch.cat([a.flatten(1) for a in h], dim=1)  # (b, 9216), tower 0's features first
         x = gather_batch_for_split_layer(x, self.layout)  # (K*b, 9216): every rank's images
-        h = [self.dropout(F.relu(t.fc6(self.fc_input(x, t))), t, 6) for t in towers]
+        h = [self.dropout(F.relu(self.fc(t, "fc6", x)), t, 6) for t in towers]
         x = gather_units_for_split_layer(torch.cat(h, 1), self.layout, self.shares["fc6"])
-        h = [self.dropout(F.relu(t.fc7(self.fc_input(x, t))), t, 7) for t in towers]
+        h = [self.dropout(F.relu(self.fc(t, "fc7", x)), t, 7) for t in towers]
         x = gather_units_for_split_layer(torch.cat(h, 1), self.layout, self.shares["fc7"])
-        logits = torch.cat([t.fc8(x) for t in towers], 1)  # (K*b, this rank's classes)
+        logits = torch.cat([self.fc(t, "fc8", x) for t in towers], 1)  # (K*b, own classes)
         if self.training:
             self.count_draws(towers)
         return gather_units_for_replicated(logits, self.layout, self.shares["fc8"])
 
-    def fc_input(self, x: Tensor, tower: Tower) -> Tensor:
-        """fc6/fc7 read both towers (§3.5); with model.exchange='fc8_only' only their own."""
-        if self.cfg.exchange == "paper":
-            return x
-        width = x.shape[1] // self.cfg.towers
-        return x[:, tower.index * width : (tower.index + 1) * width]
+    def fc(self, tower: Tower, name: str, x: Tensor) -> Tensor:
+        """This rank's rows of `tower`'s layer `name` on the whole (K*b, in) input.
 
-    @torch.compiler.disable  # a seeded generator, as AlexNet.dropout
+        The layer's own forward takes per-tower parts (repro/net/parallel.py, linked layers);
+        here the input is already whole, so its weight and bias are applied directly. fc6/fc7
+        read both towers (§3.5); with model.exchange='fc8_only' only their own.
+        """
+        layer = getattr(tower, name)
+        if name != "fc8" and self.cfg.exchange != "paper":
+            width = x.shape[1] // self.cfg.towers
+            x = x[:, tower.index * width : (tower.index + 1) * width]
+        return F.linear(x, layer.weight, layer.bias)
+
     def dropout(self, h: Tensor, tower: Tower, layer: int) -> Tensor:
         """§4.2 with one process's mask: the tower's mask for all K*b rows, this rank's units.
 
@@ -133,7 +137,7 @@ class HybridAlexNet(AlexNet):
             return h
         name = f"fc{layer}"
         start = self.rows(name, tower.index)[0] - super().rows(name, tower.index)[0]
-        seed = mask_seed(self.seed, tower.index, layer, tower.dropout_draws)
+        seed = mask_seed(tower.mask_keys[layer], tower.draws)  # as AlexNet.dropout
         ones = h.new_ones((h.shape[0], self.cfg.fc_width))
         mask = tower_dropout(ones, self.cfg.dropout, seed, 0, 1)  # (K*b, fc): 0 or 1/(1-p)
         return h * mask[:, start : start + h.shape[1]]

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from repro.bench.kit import ms_interval, ratio_interval, spread, verdict
+from repro.bench.targets import _enough
 from repro.bench.traffic import (
     LinkModel,
     attribute_calls,
@@ -33,7 +34,7 @@ from repro.bench.traffic import (
     modelled_seconds,
     one_tower_layout,
 )
-from repro.bench.train import TINY, flops_per_image
+from repro.bench.train import TINY, counted_flops, flops_per_image
 from repro.config import ModelConfig
 from repro.net.model import AlexNet
 
@@ -170,8 +171,10 @@ def test_bench_train_one_process_two_ranks_and_torchvision(tmp_path, capsys):
         check_row(row, "train", result["peaks"], measurements=2 * 2)  # repeats x rounds
     assert result["settings"]["flops_per_image"] == flops_per_image(TINY, "train")
     counted = result["settings"]["counted_flops_per_image"]
-    assert counted["repro"] == flops_per_image(TINY, "train")  # flop_counter agrees with ours
+    assert counted["repro"] == flops_per_image(TINY, "train")
     assert counted["torchvision"] == rows[2]["flops_per_image"] > 10 * counted["repro"]
+    with_lrn_off = dataclasses.replace(TINY, lrn=False)  # flop_counter agrees with our count
+    assert counted_flops("repro", with_lrn_off, "train") == flops_per_image(with_lrn_off, "train")
     # The split: compute is the stand-in step, exposed exchange the paired difference.
     one, two = rows[0], rows[1]
     raw = two["measurements"]
@@ -274,6 +277,9 @@ def test_verdicts_only_where_the_spread_supports_them():
     two, one = spread([8.0, 9.0, 10.0, 11.0, 12.0]), spread([9.0, 10.0, 10.0, 10.0, 11.0])
     ratio, low, high = ratio_interval(two, one)
     assert (ratio, low, high) == (1.0, 9.0 / 10.0, 11.0 / 10.0)
+    five = spread([1.0, 1.1, 1.2, 1.3, 1.4])
+    assert _enough(True, five) and not _enough(True, spread([1.0, 1.1, 1.2, 1.3]))
+    assert not _enough(False, five)  # load above the core count: no verdict at all
     assert "not distinguishable from 0" in ms_interval(spread([-0.004, 0.001, 0.002]))
     assert ms_interval(spread([0.010, 0.012, 0.014])) == "12.0 ms [10.0 to 14.0]"
 

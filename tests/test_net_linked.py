@@ -1,7 +1,8 @@
 """The cross-tower layers and the bucketed replica average against their one-process forms.
 
 Proves, on gloo ranks: a linked conv (NCHW and channels_last) and a linked linear layer on 2
-ranks give the one-process outputs bit for bit and the same input, weight and bias gradients;
+ranks give the one-process outputs bit for bit and the same input, weight and bias gradients,
+and the exchange alone keeps a channels_last map channels_last, forward and backward;
 the exchange inside them is overlapped (the all_gather is launched before the own share's
 product and waited after it; the reduce_scatter is launched before the weight gradient and
 waited after it); the replica average done in buckets during backward gives the parameters
@@ -20,7 +21,7 @@ from repro.config import ModelConfig
 from repro.net import dist, parallel
 from repro.net.dist import single_process_layout
 from repro.net.model import AlexNet
-from repro.net.parallel import LinkedConv2d, LinkedLinear
+from repro.net.parallel import LinkedConv2d, LinkedLinear, gather_for_split_layer
 from repro.net.replicas import GradientAverage
 
 
@@ -50,7 +51,25 @@ CASES = (("conv", False), ("conv", True), ("linear", False))
 
 def _linked_rank():
     layout = dist.init_distributed(towers=2, device="cpu")
-    return [_linked_case(layout, kind, channels_last) for kind, channels_last in CASES]
+    cases = [_linked_case(layout, kind, channels_last) for kind, channels_last in CASES]
+    return cases, _gather_channels_last(layout)
+
+
+def _gather_channels_last(layout) -> dict:
+    """The exchange alone on channels_last maps: the one-process concatenation and gradient."""
+    t = layout.tower_rank
+    parts = _inputs("conv", channels_last=True)
+    whole = gather_for_split_layer([parts[t]], layout, [4, 4])
+    ref_parts = _inputs("conv", channels_last=True)
+    ref = gather_for_split_layer(ref_parts, single_process_layout(2), [4, 4])
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
+    (whole * weight).sum().backward()  # each rank's loss term; the sum adds both ranks'
+    (2 * ref * weight).sum().backward()  # one process: both ranks' terms at once
+    return {
+        "forward": torch.equal(whole, ref),
+        "grad": (parts[t].grad - ref_parts[t].grad).abs().max().item(),
+        "kept": whole.is_contiguous(memory_format=torch.channels_last),
+    }
 
 
 def _linked_case(layout, kind: str, channels_last: bool) -> dict:
@@ -79,7 +98,8 @@ def _linked_case(layout, kind: str, channels_last: bool) -> dict:
 
 
 def test_linked_layers_on_two_ranks_equal_one_process():
-    for results in run_ranks(_linked_rank, 2):
+    for results, gathered in run_ranks(_linked_rank, 2):
+        assert gathered["forward"] and gathered["kept"] and gathered["grad"] <= 1e-6
         for (kind, channels_last), r in zip(CASES, results):
             assert r["out_equal"], (kind, channels_last)  # the same arithmetic, bit for bit
             assert r["scale"] > 0.1

@@ -28,7 +28,8 @@ one process with stand-in exchanges (the measured compute of one GPU of a two-GP
 the exchange volume of repro/bench/traffic.py over an assumed link, with no overlap assumed.
 It is a model, labelled as one. `--compare torchvision` adds torchvision's one-tower
 `alexnet()` in one process (same batch, threads, precision): the ratio per image and per FLOP
-(FLOPs counted by torch.utils.flop_counter for both nets). A target's verdict is printed only
+(the conv and fc layers' FLOPs: repro.net.summary's for ours, torch.utils.flop_counter's for
+torchvision's, whose only products those are). A target's verdict is printed only
 where the interquartile interval of the ratio lies wholly on one side; otherwise the figure
 with its interval and "inconclusive". `--profile DIR` adds a torch.profiler run per row.
 """
@@ -167,7 +168,8 @@ def flops_per_image(cfg: ModelConfig, mode: str) -> int:
 
 def counted_flops(model: str, cfg: ModelConfig, mode: str) -> int:
     """FLOPs of one image through `model` ('repro' or 'torchvision'), counted by
-    torch.utils.flop_counter: forward, plus backward in training (no gradient for the image)."""
+    torch.utils.flop_counter: forward, plus backward in training (no gradient for the image).
+    For repro's net this also counts the LRN's band products, which are no layer's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net = build_model(Job(mode, cfg, "cpu", (), model=model), single_process_layout(cfg.towers))
@@ -246,8 +248,15 @@ def run(args: argparse.Namespace) -> dict:
     flops = {"repro": flops_per_image(s["cfg"], s["command"])}
     if s["compare"]:
         flops["counted"] = {
-            m: counted_flops(m, s["cfg"], s["command"]) for m in ("repro", "torchvision")
+            "repro": flops["repro"],  # the conv and fc layers, as torchvision's count
+            "torchvision": counted_flops("torchvision", s["cfg"], s["command"]),
         }
+    # Busier than its cores (1-minute load, at the start or now): no verdict between layouts.
+    load = max(ctx["load_average_start"][0], benchkit.load_average()[0])
+    cores = ctx["machine"]["usable_cores"] or ctx["machine"]["cores"]
+    quiet = load <= cores
+    if not quiet:
+        notes.append(f"load average {load:.1f} on {cores} cores: every verdict is inconclusive")
     rows = []
     for (e, _), r in sorted(pooled.items()):
         world, per_rank, what = entries[e]
@@ -274,8 +283,8 @@ def run(args: argparse.Namespace) -> dict:
         },
         "peaks": peaks,
         "rows": rows,
-        "checks": target_checks(rows, s["device"]),
-        "comparisons": comparisons(rows, flops.get("counted")),
+        "checks": target_checks(rows, s["device"], quiet),
+        "comparisons": comparisons(rows, flops.get("counted"), quiet),
         "notes": notes,
         "context": ctx,
     }

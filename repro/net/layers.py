@@ -84,6 +84,8 @@ class _ResponseNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, band: Tensor, k: float, beta: float) -> Tensor:
         xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         s = _window_sum(xf * xf, band).add_(k)
+        if not any(ctx.needs_input_grad):  # evaluation: nothing to keep, work in place
+            return s.pow_(-beta).mul_(xf).to(x.dtype)
         inv = s.pow(-beta)
         ctx.save_for_backward(xf, s, inv, band)
         ctx.beta = beta

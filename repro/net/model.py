@@ -41,6 +41,14 @@ from repro.net.layers import (
 from repro.net.parallel import LinkedConv2d, LinkedLinear, gather_for_replicated
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def relu(x: Tensor) -> Tensor:
+    """§3.1's ReLU, in place: every input it gets here is a fresh layer output that no backward
+    reads (a pass over the maps without a new allocation, as torchvision's alexnet does)."""
+    return F.relu(x, inplace=True)
+
+
 ONES_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5: these biases start at 1, others at 0
 
 
@@ -106,12 +114,12 @@ class Tower(nn.Module):
     def block1(self, x: Tensor) -> Tensor:
         """conv1 -> ReLU -> LRN -> pool (§3.1, §3.3, §3.4); the original code normed before the ReLU."""
         x = self.conv1(x)
-        x = F.relu(self.norm1(x)) if self.norm_before_relu else self.norm1(F.relu(x))
+        x = relu(self.norm1(x)) if self.norm_before_relu else self.norm1(relu(x))
         return self.pool(x)
 
     def block2(self, x: Tensor) -> Tensor:
         """conv2 -> ReLU -> LRN (-> cnorm2) -> pool."""
-        return self.pool(self.cnorm2(self.norm2(F.relu(self.conv2(x)))))
+        return self.pool(self.cnorm2(self.norm2(relu(self.conv2(x)))))
 
     @property
     def dropout_draws(self) -> int:
@@ -158,13 +166,13 @@ class AlexNet(nn.Module):
         )  # (B, 3, 227, 227): the original code's ceil
         h = [t.block1(x) for t in towers]  # (B, 48, 27, 27) per tower: both see the whole image
         h = [t.block2(a) for t, a in zip(towers, h)]  # (B, 128, 13, 13): own tower only
-        h = [F.relu(a) for a in self.linked(h, "conv3")]  # §3.5: reads both towers' 128 maps
-        h = [F.relu(t.conv4(a)) for t, a in zip(towers, h)]  # (B, 192, 13, 13): own tower only
-        h = [t.pool(F.relu(t.conv5(a))) for t, a in zip(towers, h)]  # (B, 128, 6, 6)
+        h = [relu(a) for a in self.linked(h, "conv3")]  # §3.5: reads both towers' 128 maps
+        h = [relu(t.conv4(a)) for t, a in zip(towers, h)]  # (B, 192, 13, 13): own tower only
+        h = [t.pool(relu(t.conv5(a))) for t, a in zip(towers, h)]  # (B, 128, 6, 6)
         h = self.linked([a.flatten(1) for a in h], "fc6")  # fc6 reads both towers' 4608: (B, 2048)
-        h = [self.dropout(F.relu(a), t, 6) for t, a in zip(towers, h)]  # (B, 2048)
+        h = [self.dropout(relu(a), t, 6) for t, a in zip(towers, h)]  # (B, 2048)
         h = self.linked(h, "fc7")  # fc7 reads both towers' 2048: (B, 2048)
-        h = [self.dropout(F.relu(a), t, 7) for t, a in zip(towers, h)]  # (B, 2048)
+        h = [self.dropout(relu(a), t, 7) for t, a in zip(towers, h)]  # (B, 2048)
         logits = self.linked(h, "fc8")  # in every variant: (B, classes/2) per tower
         if self.training:
             self.count_draws(towers)

@@ -78,9 +78,12 @@ def _channels_last(x: Tensor) -> bool:
     )
 
 
-def _dense(x: Tensor) -> Tensor:
-    """x's memory in its own order: (B, H, W, C) for a channels_last map, else x contiguous."""
-    return x.permute(0, 2, 3, 1) if _channels_last(x) else x.contiguous()
+def _dense(x: Tensor, channels_last: bool | None = None) -> Tensor:
+    """x in a dense buffer's order: (B, H, W, C) for a channels_last map (a view when x is
+    one), else (B, C, ...) contiguous. `channels_last` forces the order (default: x's own)."""
+    if channels_last is None:
+        channels_last = _channels_last(x)
+    return x.permute(0, 2, 3, 1).contiguous() if channels_last else x.contiguous()
 
 
 def _logical(x: Tensor, channels_last: bool) -> Tensor:
@@ -117,7 +120,7 @@ class _GatherSumBackward(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         sizes, widest = ctx.sizes, max(ctx.sizes)
         cl = _channels_last(grad)
-        parts = [_dense(_padded(g, widest)) for g in grad.split(list(sizes), dim=1)]
+        parts = [_dense(_padded(g, widest), cl) for g in grad.split(list(sizes), dim=1)]
         stacked = torch.cat(parts)  # (T*B, ...): every share's gradient, rank order
         own = stacked.new_empty(parts[0].shape)
         _reduce_scatter(own, stacked, ctx.group)
@@ -273,7 +276,7 @@ class _LinkedLayer(torch.autograd.Function):
         else:  # the other ranks add theirs; this rank keeps its own share
             columns = weight_c.chunk(towers, dim=1)
             share_grads = [_input_grad(geo, grad, x, w) for x, w in zip(shares, columns)]
-            stacked = torch.cat([_dense(g) for g in share_grads])  # (T*B, ...), rank order
+            stacked = torch.cat([_dense(g, cl) for g in share_grads])  # (T*B, ...), rank order
             own = stacked.new_empty(stacked.chunk(towers)[0].shape)
             work = _reduce_scatter(own, stacked, group, async_op=True)
             # The weight gradient while the input gradients travel.

@@ -52,8 +52,9 @@ def test_owt_sends_activations_and_only_the_convolution_gradients():
 
 def test_towers_sends_the_five_links_for_its_replica_and_half_the_gradients():
     two = sum(r["bytes"] for r in traffic(PAPER, "towers", 2, 128))
-    # README's per-image figures (123,344 forward + 242,688 backward) for 2 x 128 images.
-    assert two == (123_344 + 242_688) * 256
+    # README's per-image figures (123,344 forward all-gather + 121,344 backward reduce-scatter,
+    # issue #12) for 2 x 128 images.
+    assert two == (123_344 + 121_344) * 256
     four = by_link(traffic(PAPER, "towers", 4, 128))
     assert four[("gradients", "all_reduce")] == round(P / 2) * 4  # 2 replicas: 2 (R-1)/R = 1
     with pytest.raises(ValueError, match="multiple of 2"):

@@ -265,7 +265,10 @@ def test_bench_data_runs_tiny(tmp_path):
         str(out),
     )
     result = json.loads(out.read_text())
-    assert result["dali"]["images"] == result["dataloader"]["images"] == 4
+    loaders = result["loaders"]  # DALI and the DataLoader on the made originals (issue #13's form)
+    assert len(loaders) == 2 and all(r["images_per_s"]["median"] > 0 for r in loaders.values())
+    assert len(result["ratio_dali_over_dataloader"]) == 1
+    assert result["gather_bytes_per_rank_step"]["uint8"] == 1 * 3 * 224 * 224  # batch 2, 2 towers
 
 
 def test_verdicts_only_where_the_spread_supports_them():

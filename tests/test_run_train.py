@@ -220,6 +220,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(digits, tm
         (("train.device=cuda",), "no CUDA GPU"),
         (("train.resume=/etc/hostname",), "/etc/hostname"),
         (("model.num_classes=7",), "model.num_classes=7"),
+        (("data.root={tmp}/a_file",), "is a file, not a folder"),  # source digits would write
     ],
     ids=[
         "missing_root",
@@ -229,6 +230,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(digits, tm
         "no_gpu",
         "foreign_checkpoint",
         "class_count",
+        "root_is_a_file",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(digits, tmp_path, extra, message):
@@ -238,6 +240,7 @@ def test_bad_input_is_one_line_and_exit_2(digits, tmp_path, extra, message):
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
     extra = tuple(e.replace("{tmp}", str(tmp_path)) for e in extra)
+    (tmp_path / "a_file").write_text("not a data set\n")
     result = python(*TRAIN, *args(tmp_path / "run", digits, "train.max_steps=2", *extra))
     assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
     last = result.stderr.strip().splitlines()[-1]

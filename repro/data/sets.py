@@ -40,6 +40,8 @@ def root_of(cfg: DataConfig, layout: Layout | None = None) -> Path:
             f"data.root is empty: set it to the data set folder (source {cfg.source!r})"
         )
     root = Path(cfg.root)
+    if root.exists() and not root.is_dir():  # before 'digits' would try to write into it
+        raise DataError(f"data.root {root} is a file, not a folder: set data.root to a folder")
     if cfg.source == "digits":
         on_main(layout, lambda: _write_digits(cfg, root))  # the other ranks wait for it
     if not root.is_dir():

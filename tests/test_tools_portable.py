@@ -92,6 +92,6 @@ def test_visualize_activations_accepts_a_mixed_decode_checkpoint(checkpoints, tm
 def test_the_loaded_config_decodes_where_this_machine_can(checkpoints):
     _, cfg, names = inference.read_trained(checkpoints["mixed"])
     assert cfg.data.decode == "auto" and names == ["cat", "dog"]
-    assert inference.STATS_NAME == STATS_NAME  # the copy kept to avoid importing DALI
+    assert inference.STATS_NAME == STATS_NAME  # one name, imported without DALI
     model, _, _ = inference.load_trained(checkpoints["mixed"], device="cpu")
     assert next(model.parameters()).device == torch.device("cpu")

@@ -35,13 +35,10 @@ from repro.config import Config, ConfigError, DataConfig, config_from_dict
 from repro.data import imagecheck
 from repro.data.folders import DataError, DecodeError, ImageSet
 from repro.data.loaders import EvalLoader
+from repro.data.stats import STATS_NAME
 from repro.net.dist import Layout, single_process_layout
 from repro.net.model import AlexNet
 from repro.run.checkpoint import CheckpointError, load_checkpoint
-
-# repro.data.stats' file name, written here: importing that module imports DALI, and this one
-# (through repro.cli's error types) must import on a machine without it.
-STATS_NAME = "stats.npz"
 
 VIEWS = {"center": 1, "ten": 10}
 """Views per image of each test-time scheme (§4.1)."""

@@ -61,6 +61,29 @@ def test_lrn_gradient_is_the_formulas(semantics):
     torch.testing.assert_close(last, mine, rtol=1e-12, atol=1e-15)
 
 
+def test_lrn_float32_against_float64():
+    """The float32 path (beta = 3/4 as rsqrt * sqrt, k inside the band product) against
+    PyTorch's LRN in float64, forward and backward, NCHW and channels_last; the in-place
+    evaluation forward gives the training forward's numbers bit for bit."""
+    torch.manual_seed(3)
+    lrn = response_norm(ModelConfig())
+    reference = torch.nn.LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
+    a = torch.rand(2, 48, 9, 9) * 300  # ReLU outputs large enough that the window term counts
+    g = torch.randn_like(a)
+    a64 = a.double().requires_grad_()
+    want = reference(a64)
+    (want_grad,) = torch.autograd.grad(want, a64, g.double())
+    for x in (a, a.contiguous(memory_format=torch.channels_last)):
+        x = x.clone().requires_grad_()
+        got = lrn(x)
+        (grad,) = torch.autograd.grad(got, x, g)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-7)
+        with torch.no_grad():
+            assert torch.equal(lrn(x), got)
+    assert not torch.allclose(lrn(a).double(), want.detach() * (1 + 1e-5), rtol=1e-7, atol=0)
+
+
 def test_lrn_acts_within_a_tower():
     """Channels 46-47 of tower 0 and 0-1 of tower 1 are normalized by their own tower only."""
     cfg = ModelConfig(num_classes=10)

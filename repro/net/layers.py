@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from repro.config import ModelConfig
 
@@ -55,20 +56,38 @@ def _window_band(
     return inside.to(dtype) * scale
 
 
-def _window_sum(t: Tensor, band: Tensor) -> Tensor:
-    """sum over each channel's window, scaled: one (C, C) product per pixel, in t's layout.
+def _window_sum(t: Tensor, band: Tensor, add: float = 0.0) -> Tensor:
+    """add + the sum over each channel's window, scaled: one (C, C) product per pixel, in t's layout.
 
     A matrix product reads t once; the shifted-slice sum it replaces read it `size` times
-    and its backward wrote a zero-padded copy per shift. The band is symmetric.
+    and its backward wrote a zero-padded copy per shift. The band is symmetric. `add` rides
+    in the product (baddbmm's / linear's bias) instead of a pass of its own.
     """
+    c = t.shape[1]
     if (
         t.dim() == 4
         and not t.is_contiguous()
         and t.is_contiguous(memory_format=torch.channels_last)
     ):
-        return (t.permute(0, 2, 3, 1) @ band).permute(0, 3, 1, 2)  # (B, H, W, C) @ (C, C)
-    b, c = t.shape[:2]
-    return (band @ t.reshape(b, c, -1)).view(t.shape)  # (C, C) @ (B, C, H*W)
+        bias = band.new_full((c,), add) if add else None
+        # (B, H, W, C) @ (C, C)^T (+ add): the band is symmetric
+        return F.linear(t.permute(0, 2, 3, 1), band, bias).permute(0, 3, 1, 2)
+    b = t.shape[0]
+    flat = t.reshape(b, c, -1)  # (B, C, H*W)
+    if add:
+        return torch.baddbmm(band.new_full((1, 1, 1), add), band.expand(b, c, c), flat).view(
+            t.shape
+        )
+    return (band @ flat).view(t.shape)
+
+
+def _inverse_power(s: Tensor, beta: float, inplace: bool = False) -> Tensor:
+    """s^-beta; for the paper's beta = 3/4 as rsqrt(s) * sqrt(rsqrt(s)), about 2x faster than
+    pow's exp/log on a CPU and within 3e-7 relative of it (tests/test_net_layers.py)."""
+    if beta != 0.75:
+        return s.pow_(-beta) if inplace else s.pow(-beta)
+    r = s.rsqrt_() if inplace else s.rsqrt()  # s^-1/2
+    return r.mul_(r.sqrt())  # s^-1/2 * s^-1/4
 
 
 class _ResponseNorm(torch.autograd.Function):
@@ -83,10 +102,10 @@ class _ResponseNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, band: Tensor, k: float, beta: float) -> Tensor:
         xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-        s = _window_sum(xf * xf, band).add_(k)
+        s = _window_sum(xf * xf, band, add=k)
         if not any(ctx.needs_input_grad):  # evaluation: nothing to keep, work in place
-            return s.pow_(-beta).mul_(xf).to(x.dtype)
-        inv = s.pow(-beta)
+            return _inverse_power(s, beta, inplace=True).mul_(xf).to(x.dtype)
+        inv = _inverse_power(s, beta)
         ctx.save_for_backward(xf, s, inv, band)
         ctx.beta = beta
         return (xf * inv).to(x.dtype)

@@ -151,6 +151,9 @@ class TrainConfig:
     """Original code: colour noise switched off from this epoch on (0: never)."""
     deterministic: bool = False
     """Deterministic kernels (for step-by-step comparisons between layouts)."""
+    cpu_memory: str = "keep"
+    """CPU runs: 'keep' (freed tensors' memory stays in the process for the next step: no page
+    faults per step, 12-16% faster on 2 cores) or 'release' (glibc's default)."""
     overwrite: bool = False
     """A fresh run into a run_dir that holds another run: refused unless true; then the old run
     is moved aside to <run_dir>.replaced-<time> (never deleted)."""
@@ -209,6 +212,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "train.channels_last": ("auto", "on", "off"),
     "train.compile": ("auto", "on", "off"),
     "train.parallel": ("towers", "data", "owt"),
+    "train.cpu_memory": ("keep", "release"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 """The fields that take one of a fixed set of values."""
@@ -275,7 +279,8 @@ def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
 
     - choice fields (CHOICES): model.towers 1|2, model.exchange, model.pool, model.lrn_alpha,
       data.source, data.mean, data.decode, optim.schedule, train.device, train.precision,
-      train.channels_last, train.compile, train.parallel, wandb.mode must be one of their
+      train.channels_last, train.compile, train.parallel, train.cpu_memory, wandb.mode must
+      be one of their
       choices;
     - the ranges in _RANGES: num_classes >= 2; widths are 5 positive ints; fc_width,
       image_size >= 1; pad_right_bottom >= 0; init stds > 0; dropout in [0, 1); resize,

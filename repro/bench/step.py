@@ -44,6 +44,7 @@ from repro.data.synthetic import SyntheticLoader
 from repro.net.dist import Layout, init_distributed
 from repro.net.model import AlexNet
 from repro.net.replicas import GradientAverage
+from repro.run import kernels
 from repro.run.optim import build_optimizer
 
 VARIANTS = ("real", "standin", "timed")
@@ -77,6 +78,8 @@ class Job:
     one_tower: bool = False
     """Run tower 0 alone in one process with stand-in exchanges (the projection)."""
     variants: tuple[str, ...] = field(default=("real",))
+    cpu_memory: str = "keep"
+    """CPU ranks: train.cpu_memory's setting (repro/run/kernels.py), set before anything is built."""
     profile_dir: str = ""
     """If set, `steps` more steps of the first variant under torch.profiler; a chrome trace
     per rank is written there and the top operators come back in the result."""
@@ -92,6 +95,7 @@ def rank_main(job: Job) -> list[dict]:
         layout = one_tower_layout(device)
     else:
         layout = init_distributed(job.cfg.towers, job.device)
+    kernels.cpu_memory(job.cpu_memory, layout.device)  # as a training run on this device
     results = []
     for case in job.cases:
         results.append(measure(job, case, layout))

@@ -192,6 +192,9 @@ def print_rows(result: dict) -> None:
             f"peak: {p['dtype']} matmul {p['size']}^2 = {p['flop_s'] / 1e9:.1f} GFLOP/s "
             f"(threads {p['threads']}) per device"
         )
+    settings = result.get("settings", {})
+    if settings.get("device") == "cpu" and "cpu_memory" in settings:
+        print(f"cpu memory: {settings['cpu_memory']} (train.cpu_memory; --cpu-memory)")
     print(
         "(PROJECTION rows are a model: one tower's measured step + the link model, no overlap; "
         "data wait: synthetic batches in memory)"

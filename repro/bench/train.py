@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CPU, where load from other jobs then falls on every layout alike; 1 on GPU, --tiny)",
     )
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument(
+        "--cpu-memory",
+        choices=("keep", "release"),
+        default="keep",
+        help="CPU ranks: freed memory kept for reuse as train.cpu_memory's default does "
+        "(keep), or glibc's default (release)",
+    )
     parser.add_argument("--project", action="store_true", help="add the one-tower projection")
     parser.add_argument(
         "--compare",
@@ -154,6 +161,7 @@ def settings(args: argparse.Namespace) -> dict:
         "rounds": args.rounds or (1 if args.tiny or device == "cuda" else 3),
         "project": args.project or (device == "cuda" and gpus == 1),
         "compare": args.compare,
+        "cpu_memory": args.cpu_memory,
         "links": [LinkModel(f"{bw:g} GB/s", bw, args.latency_us) for bw in args.bandwidth_gbs],
         "peak_size": args.peak_size or (256 if args.tiny else 8192 if device == "cuda" else 2048),
     }
@@ -207,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
         warmup=s["warmup"],
         steps=s["steps"],
         repeats=s["repeats"],
+        cpu_memory=s["cpu_memory"],
     )
     notes, entries = [], []  # (world size, threads per rank, what)
     for world in s["layouts"]:
@@ -274,7 +283,16 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {
             **{
                 k: s[k]
-                for k in ("device", "layouts", "threads", "warmup", "steps", "repeats", "rounds")
+                for k in (
+                    "device",
+                    "layouts",
+                    "threads",
+                    "warmup",
+                    "steps",
+                    "repeats",
+                    "rounds",
+                    "cpu_memory",
+                )
             },
             "model": dataclasses.asdict(s["cfg"]),
             "tiny": args.tiny,

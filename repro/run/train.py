@@ -216,11 +216,12 @@ def start(cfg: Config, layout: Layout) -> Run:
     """Data, model, optimizer and schedule for this layout, at step 0."""
     validate_for_layout(cfg, layout.replicas)
     kernels.kernel_flags(cfg.train.deterministic, layout.device)
+    kept = kernels.cpu_memory(cfg.train.cpu_memory, layout.device)
     bf16, channels_last, compile_model = switches(cfg, layout)
     if layout.is_main:
         print(
             f"repro: {layout.describe()}; bf16={bf16} channels_last={channels_last} "
-            f"compile={compile_model}"
+            f"compile={compile_model}" + (" cpu_memory=keep" if kept else "")
         )
 
     # -- data: both towers of a replica see the same batch; replicas read disjoint shards ----

@@ -157,3 +157,28 @@ def test_dropout_masks_differ_between_steps_and_towers():
     assert not torch.equal(zeros[0], zeros[2])  # the next step draws a new mask
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 13, 13), (2, 48, 55, 55), (2, 5, 6, 7)])
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (2, 2)])
+def test_max_pool_equals_pytorchs_ties_included(shape, kernel, stride):
+    """The CPU pool through the channels_last kernel: the same maxima, the same gradient
+    routing (exact ties of ReLU zeros and of a repeated value included), forward and backward."""
+    from repro.net.layers import MaxPool
+
+    torch.manual_seed(4)
+    x = torch.randn(shape).relu_()  # about half zeros: whole windows tie
+    x[:, :, ::3] = 0.5  # and non-zero exact ties
+    g = torch.randn(torch.nn.functional.max_pool2d(x, kernel, stride).shape)
+    outs = []
+    for pool in (MaxPool(kernel, stride), torch.nn.MaxPool2d(kernel, stride)):
+        a = x.clone().requires_grad_()
+        y = pool(a)
+        (grad,) = torch.autograd.grad(y, a, g)
+        with torch.no_grad():
+            evaluated = pool(x)
+        outs.append((y, grad, evaluated))
+    (y, grad, ev), (y_ref, grad_ref, ev_ref) = outs
+    assert y.is_contiguous() and torch.equal(y, y_ref) and torch.equal(ev, ev_ref)
+    assert torch.equal(grad, grad_ref)
+    assert (grad != 0).any()

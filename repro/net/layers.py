@@ -145,7 +145,55 @@ class ContrastNorm(nn.Module):
 
 def max_pool(cfg: ModelConfig) -> nn.MaxPool2d:
     """§3.4 overlapping pooling z=3, s=2; the ablation (layers-147) uses z=s=2."""
-    return nn.MaxPool2d(3, 2) if cfg.pool == "overlapping" else nn.MaxPool2d(2, 2)
+    return MaxPool(3, 2) if cfg.pool == "overlapping" else MaxPool(2, 2)
+
+
+class MaxPool(nn.MaxPool2d):
+    """nn.MaxPool2d whose CPU forward on NCHW maps runs PyTorch's channels_last kernel.
+
+    PyTorch's NCHW max-pool kernel on the CPU walks each map on its own; the channels_last one
+    takes a pixel's channels in one vector, several times faster even with the layout change
+    there and back (docs/performance.md). Same module, arguments and state as nn.MaxPool2d;
+    the maxima and their indices are the NCHW kernel's, ties included (tests/test_net_layers.py),
+    so the backward (PyTorch's NCHW kernel, from those indices) routes gradients identically.
+    Other devices and layouts take nn.MaxPool2d's own path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        nchw_cpu = x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+        plain = self.padding == 0 and self.dilation == 1 and not self.ceil_mode
+        if not (nchw_cpu and plain and x.shape[1] > 1):
+            return super().forward(x)
+        k, s = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            cl = x.contiguous(memory_format=torch.channels_last)
+            return F.max_pool2d(cl, k, s).contiguous()
+        return _ChannelsLastMaxPool.apply(x, k, s)
+
+
+def _pair(v) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """Forward on a channels_last copy; backward by PyTorch's own NCHW kernel from the indices
+    (flat h*W+w within each map, the same in either layout)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: list[int], stride: list[int]) -> Tensor:
+        cl = x.contiguous(memory_format=torch.channels_last)
+        y, indices = torch.ops.aten.max_pool2d_with_indices(cl, kernel, stride)
+        ctx.save_for_backward(x, indices.contiguous())
+        ctx.kernel, ctx.stride = kernel, stride
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, indices = ctx.saved_tensors
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, ctx.kernel, ctx.stride, [0, 0], [1, 1], False, indices
+        )
+        return grad_x, None, None
 
 
 def spatial_sizes(cfg: ModelConfig) -> dict[str, int]:

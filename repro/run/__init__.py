@@ -1,6 +1,7 @@
 """A training run: the loop and everything it reads and writes.
 
-`train` (the loop), `optim` (SGD and the schedule of §5), `evaluate` (top-1/top-5, centre
+`train` (the loop), `state` (what a run holds; saving, resuming and restoring it),
+`optim` (SGD and the schedule of §5), `evaluate` (top-1/top-5, centre
 and 10-patch), `checkpoint` (atomic save, load, latest, rank-0 load), `kernels`
 (determinism, cuDNN autotuning, torch.compile with an eager fallback), `tracking`
 (metrics.jsonl and wandb), `plots` (curves and Figure 3, drawn during training), `rundir`

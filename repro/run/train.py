@@ -12,22 +12,19 @@ reaches the others over the process group, so run folders may be node-local). Da
 pure functions of (seed, epoch, position), so a resumed run, or the same run in another layout,
 repeats the same steps.
 
-What the run holds and its checkpoints (`Run`, `save`, `resume`) are repro/run/state.py's.
+What the run holds and its checkpoints (`Run`, `save`, `resume`) are repro/run/state.py's; the
+host side of a step (log windows, the stop request, progress bars) is repro/run/window.py's.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from repro.config import Config, save_config, validate_for_layout
 from repro.data.folders import DataError
@@ -38,39 +35,13 @@ from repro.net.schemes import batch_labels, build_model, gradient_reduction
 from repro.run import agree, faults, kernels
 from repro.run import checkpoint as ckpt
 from repro.run.evaluate import evaluate
-from repro.run.faults import TrainingError
-from repro.run.optim import build_optimizer, build_schedule, current_lr, freeze, step_schedule
+from repro.run.optim import build_optimizer, build_schedule, freeze, step_schedule
 from repro.run.plots import figure3_image, plot_curves
 from repro.run.state import Position, Run, resume, save
 from repro.run.tracking import make_tracker, run_name
+from repro.run.window import StopRequest, launch_window, log_window, progress_bar
 
 KEEP_EPOCH_CHECKPOINTS = 3
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, layout: Layout) -> bool:
-        """True on every rank if any rank was asked to stop (a blocking collective when
-        distributed). The training step does not call it: its flag travels with the losses of
-        each log window, read a step late (`launch_window`), so no step waits for the host."""
-        if not layout.distributed:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=layout.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def flag(self, like: torch.Tensor) -> torch.Tensor:
-        """This rank's request as a (1,) tensor beside `like`: a fill, no host-device sync."""
-        return like.new_full((1,), float(self.requested))
 
 
 def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
@@ -350,85 +321,10 @@ def reached(cfg: Config, pos: Position) -> bool:
     return bool(cfg.train.max_steps) and pos.step >= cfg.train.max_steps
 
 
-@dataclass
-class Window:
-    """A log window in flight: its losses and every rank's stop flag, being summed."""
-
-    values: torch.Tensor
-    """(n + 1,): the window's n losses, then the stop flag; summed over the world once `work` is done."""
-    work: object
-    """The async all_reduce's handle (None in one process)."""
-    epoch: int
-    last_step: int
-    seconds: float
-    images: int
-
-
-def launch_window(window: list[torch.Tensor], stop: StopRequest, run: Run, t0: float) -> Window:
-    """Send the window's losses and this rank's stop flag in one async all_reduce (world sum).
-
-    Every rank of a replica holds its replica's loss, so the world sum over the world size is
-    the mean over replicas; the summed flag is > 0 if any rank was asked to stop.
-    """
-    losses = torch.stack(window).float()
-    values = torch.cat([losses, stop.flag(losses)])
-    layout = run.layout
-    work = dist.all_reduce(values, async_op=True) if layout.distributed else None
-    return Window(
-        values=values,
-        work=work,
-        epoch=run.pos.epoch,
-        last_step=run.pos.step,
-        seconds=time.perf_counter() - t0,
-        images=len(window) * run.per_replica * layout.replicas,
-    )
-
-
-def log_window(window: Window, run: Run, bar=None) -> bool:
-    """Read a window (the host waits here, for it alone), stop on the first non-finite loss,
-    log the mean loss; True if any rank was asked to stop."""
-    if window.work is not None:
-        window.work.wait()
-    values = window.values.cpu()
-    losses, stop = values[:-1] / run.layout.world_size, bool(values[-1] > 0)
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        step = window.last_step - len(losses) + int(bad[0]) + 1
-        raise TrainingError(
-            f"loss became {losses[bad[0]].item()} at step {step} (epoch {window.epoch + 1}); "
-            "the last good checkpoint is kept; lower optim.lr or check the data"
-        )
-    row = {
-        "epoch": window.epoch,
-        "loss": float(losses.mean()),
-        "lr": current_lr(run.optimizer),
-        "images_per_s": window.images / max(window.seconds, 1e-9),
-    }
-    run.tracker.log(row, window.last_step)
-    run.last = row
-    if bar is not None:
-        bar.set_postfix(
-            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2g}", img_s=f"{row['images_per_s']:.0f}"
-        )
-    return stop
-
-
 def figure3(run: Run, step: int) -> None:
     """§6.1, Figure 3: conv1's kernels, one labelled block per tower, logged as an image."""
     conv1 = run.model.grouped_state_dict()["conv1.weight"]
     title = f"run {run_name(run.cfg.wandb, run.run_dir)}, step {step}"
     run.tracker.log_image(
         "conv1_kernels", figure3_image(conv1, run.cfg.model.towers, title), step, title
-    )
-
-
-def progress_bar(layout: Layout, total: int, desc: str, initial: int = 0):
-    """A tqdm bar on rank 0 (ETA included); a silent stand-in elsewhere."""
-    return tqdm(
-        total=total,
-        desc=desc,
-        initial=initial,
-        disable=not layout.is_main,
-        dynamic_ncols=True,
-        leave=False,
     )

@@ -56,7 +56,7 @@ def run(
     `also`: more exception types that are user errors for this command (their message is
     folded onto one line); `trace`: re-raise them instead, for --traceback.
     """
-    from repro.run.train import TrainingError
+    from repro.run.faults import TrainingError
 
     try:
         return int(fn() or 0)

@@ -48,6 +48,7 @@ def stop_now() -> None:
 
 
 if WHAT == "stop" and WHERE in ("validate", "10-patch"):
+    # The name train.py's evaluations call (defined in repro/run/window.py, imported there).
     real_bar = train.progress_bar
 
     def progress_bar(layout, total, desc, initial=0):

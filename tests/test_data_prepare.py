@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prepare_cli import cli
 
 from repro.data import (
     convert,
@@ -36,16 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"daisy": 20, "roses": 7, "tulips": 2, "solo": 1}
 # round(n * 0.2) per class, at least one val image once a class has two (tulips), none for one.
 EXPECTED = {"daisy": (16, 4), "roses": (6, 1), "solo": (1, 0), "tulips": (1, 1)}
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "launch/prepare_data.py", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def assert_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -14,30 +14,18 @@ numbers as the originals within a grey level.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from natural import corrupt_middle, natural
 from PIL import Image
+from prepare_cli import cli
 
 from repro.config import DataConfig
 from repro.data import loaders, stats, store
 from repro.data.prepare import PrepareError
 from repro.net.dist import single_process_layout
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "launch/prepare_data.py", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def square(image: Image.Image, size: int, where: float = 0.5) -> np.ndarray:
@@ -75,7 +63,7 @@ def test_resize_writes_central_squares_and_names_bad_files(source, tmp_path):
     natural(400, 300, seed=7).save(big, quality=90)
     (src / "train" / "b" / "corrupt.jpg").write_bytes(corrupt_middle(big.read_bytes()))
     (src / "labels.txt").write_text("a0.jpg a\n")
-    result = cli("resize", src, tmp_path / "dst", "--size", 48)
+    result = cli("resize", src, tmp_path / "dst", "--size", 48, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"{src / 'train' / 'b' / 'cut.jpg'}: truncated JPEG" in out
@@ -132,7 +120,7 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_partial(source, tmp_path):
 
 
 def test_bad_input_exits_2_with_one_line(source, tmp_path):
-    result = cli("resize", source, source / "inside")
+    result = cli("resize", source, source / "inside", timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("prepare_data: error: ") and "overlap" in lines[0]

@@ -15,6 +15,7 @@ from spawn import run_ranks
 from repro.config import Config, DataConfig, ModelConfig, TrainConfig, WandbConfig
 from repro.net import dist
 from repro.run import train as loop
+from repro.run import window
 
 TINY = ModelConfig(widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67)
 
@@ -36,7 +37,8 @@ class _Rows:
 
 
 class _Counting:
-    """Stands in for torch.distributed in repro/run/train.py: notes every collective it sends."""
+    """Stands in for torch.distributed in repro/run/window.py (the log windows' all_reduce):
+    notes every collective it sends."""
 
     def __init__(self, events: list, step: list):
         self.events, self.step = events, step
@@ -53,11 +55,11 @@ class _Counting:
 def _loop_rank(tmp: str):
     """Two epochs' worth of the loop on this rank: undisturbed, then a stop at step 2."""
     layout = dist.init_distributed(towers=2, device="cpu")
-    real_dist, real_f = loop.dist, loop.F
+    real_dist, real_f = window.dist, loop.F
     try:
         return [_loop(layout, tmp, stop_at) for stop_at in (None, 2)]
     finally:
-        loop.dist, loop.F = real_dist, real_f
+        window.dist, loop.F = real_dist, real_f
 
 
 def _loop(layout, tmp: str, stop_at: int | None):
@@ -74,7 +76,7 @@ def _loop(layout, tmp: str, stop_at: int | None):
     stop = loop.StopRequest()
     events: list = []
     step = [0]  # the optimizer steps taken so far
-    loop.dist = _Counting(events, step)
+    window.dist = _Counting(events, step)
     real_cpu = torch.Tensor.cpu
 
     def cpu(self, *args, **kwargs):  # a host read of a device value

@@ -34,7 +34,8 @@ from PIL import Image
 
 from repro.config import Config, WandbConfig, config_to_dict
 
-# The names the training loop logs (repro/run/train.py) and plots.py reads.
+# The names the training loop logs (repro/run/train.py, its log windows repro/run/window.py)
+# and plots.py reads.
 EPOCH = "epoch"
 LOSS = "loss"
 LR = "lr"

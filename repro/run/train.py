@@ -11,91 +11,37 @@ all ranks take part in gathering a checkpoint, and rank 0 alone reads one to res
 reaches the others over the process group, so run folders may be node-local). Data order, augmentation and dropout masks are
 pure functions of (seed, epoch, position), so a resumed run, or the same run in another layout,
 repeats the same steps.
+
+What the run holds and its checkpoints (`Run`, `save`, `resume`) are repro/run/state.py's; the
+host side of a step (log windows, the stop request, progress bars) is repro/run/window.py's.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import signal
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from repro.config import Config, config_to_dict, save_config, validate_for_layout
+from repro.config import Config, save_config, validate_for_layout
 from repro.data.folders import DataError
 from repro.data.loaders import build_eval_loader, build_train_loader
 from repro.net.dist import Layout, grid_shape, init_distributed, teardown
-from repro.net.model import AlexNet
 from repro.net.replicas import GradientAverage
-from repro.net.schemes import (
-    batch_labels,
-    build_model,
-    full_tensors,
-    gradient_reduction,
-    local_tensors,
-)
+from repro.net.schemes import batch_labels, build_model, gradient_reduction
 from repro.run import agree, faults, kernels
 from repro.run import checkpoint as ckpt
 from repro.run.evaluate import evaluate
-from repro.run.faults import TrainingError
-from repro.run.optim import (
-    build_optimizer,
-    build_schedule,
-    current_lr,
-    freeze,
-    load_momentum_by_name,
-    load_schedule_state,
-    momentum_by_name,
-    schedule_state,
-    step_schedule,
-)
+from repro.run.optim import build_optimizer, build_schedule, freeze, step_schedule
 from repro.run.plots import figure3_image, plot_curves
+from repro.run.state import Position, Run, resume, save
 from repro.run.tracking import make_tracker, run_name
+from repro.run.window import StopRequest, launch_window, log_window, progress_bar
 
 KEEP_EPOCH_CHECKPOINTS = 3
-
-
-@dataclass
-class Position:
-    """Where the run is: `epoch` in progress, batches of it done, optimizer steps in all."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    step: int = 0
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, layout: Layout) -> bool:
-        """True on every rank if any rank was asked to stop (a blocking collective when
-        distributed). The training step does not call it: its flag travels with the losses of
-        each log window, read a step late (`launch_window`), so no step waits for the host."""
-        if not layout.distributed:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=layout.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def flag(self, like: torch.Tensor) -> torch.Tensor:
-        """This rank's request as a (1,) tensor beside `like`: a fill, no host-device sync."""
-        return like.new_full((1,), float(self.requested))
 
 
 def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
@@ -124,32 +70,6 @@ def main(cfg: Config) -> dict:
         return train(cfg, layout)
     finally:
         teardown()
-
-
-@dataclass
-class Run:
-    """What one training run holds, built once by `start` and read by the steps below."""
-
-    cfg: Config
-    layout: Layout
-    run_dir: Path
-    model: AlexNet
-    forward: Callable  # the model, compiled or not
-    optimizer: torch.optim.Optimizer
-    schedule: object
-    train_data: object
-    val_data: object
-    autocast: Callable
-    channels_last: bool
-    per_replica: int  # images per replica per step
-    tracker: object = None
-    pos: Position = field(default_factory=Position)
-    best_error: float = math.inf
-    last: dict = field(default_factory=dict)  # the latest logged metrics
-
-    def say(self, *args, **kwargs) -> None:
-        if self.layout.is_main:
-            print(*args, **kwargs)
 
 
 def train(cfg: Config, layout: Layout) -> dict:
@@ -265,35 +185,6 @@ def start(cfg: Config, layout: Layout) -> Run:
         channels_last=channels_last,
         per_replica=per_replica,
     )
-
-
-def resume(run: Run) -> bool:
-    """Continue from `train.resume` (a path or "latest"), or after a torchrun restart.
-
-    Rank 0 alone decides what to resume from and reads it (its run folder, its disk); the
-    state reaches every other rank over the process group, so node-local run folders work.
-    """
-    target = run.cfg.train.resume
-    if not target and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        target = "latest"  # torchrun --max-restarts: carry on from the last checkpoint
-    if not target:
-        return False
-
-    def pick() -> Path | None:
-        return ckpt.latest_checkpoint(run.run_dir) if target == "latest" else Path(target)
-
-    path, state = ckpt.load_on_rank0(pick, run.layout)
-    if path is None:
-        run.say(f"repro: no checkpoint in {run.run_dir}/checkpoints yet; starting fresh")
-    else:
-        run.pos, run.best_error = restore(
-            path, state, run.model, run.optimizer, run.schedule, run.train_data.class_names
-        )
-        run.say(
-            f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step} "
-            f"(read by rank 0, sent to all {run.layout.world_size} rank(s))"
-        )
-    return True
 
 
 def train_epoch(run: Run, stop: StopRequest) -> bool:
@@ -427,107 +318,8 @@ def draw_curves(run: Run) -> None:
     )
 
 
-def checkpoint_state(run: Run) -> dict:
-    """Every tower's state gathered into the one-process form (a collective on every rank)."""
-    model = run.model
-    return {
-        "format_version": ckpt.FORMAT_VERSION,
-        "model": model.full_state_dict(),
-        "optimizer": {"momentum": full_tensors(model, momentum_by_name(model, run.optimizer))},
-        "lr_scheduler": schedule_state(run.schedule),
-        "epoch": run.pos.epoch,
-        "step_in_epoch": run.pos.step_in_epoch,
-        "step": run.pos.step,
-        "config": config_to_dict(run.cfg),
-        "class_names": list(run.train_data.class_names),
-        "best_error": run.best_error,
-        "rng": ckpt.rng_state(),
-        "metrics": run.last,
-    }
-
-
-def save(run: Run, path: Path) -> None:
-    """Gather the state (collective) and let rank 0 write it atomically.
-
-    A failed write (a full disk) leaves the previous file at `path` intact; every rank
-    learns of it at once and raises it, naming the file.
-    """
-    state = checkpoint_state(run)
-
-    def write() -> None:
-        try:
-            ckpt.save_checkpoint(path, state)
-        except OSError as e:  # torch.save's errors name no file
-            raise OSError(e.errno, e.strerror, str(path)) from None
-
-    agree.on_main(write, run.layout)
-
-
 def reached(cfg: Config, pos: Position) -> bool:
     return bool(cfg.train.max_steps) and pos.step >= cfg.train.max_steps
-
-
-@dataclass
-class Window:
-    """A log window in flight: its losses and every rank's stop flag, being summed."""
-
-    values: torch.Tensor
-    """(n + 1,): the window's n losses, then the stop flag; summed over the world once `work` is done."""
-    work: object
-    """The async all_reduce's handle (None in one process)."""
-    epoch: int
-    last_step: int
-    seconds: float
-    images: int
-
-
-def launch_window(window: list[torch.Tensor], stop: StopRequest, run: Run, t0: float) -> Window:
-    """Send the window's losses and this rank's stop flag in one async all_reduce (world sum).
-
-    Every rank of a replica holds its replica's loss, so the world sum over the world size is
-    the mean over replicas; the summed flag is > 0 if any rank was asked to stop.
-    """
-    losses = torch.stack(window).float()
-    values = torch.cat([losses, stop.flag(losses)])
-    layout = run.layout
-    work = dist.all_reduce(values, async_op=True) if layout.distributed else None
-    return Window(
-        values=values,
-        work=work,
-        epoch=run.pos.epoch,
-        last_step=run.pos.step,
-        seconds=time.perf_counter() - t0,
-        images=len(window) * run.per_replica * layout.replicas,
-    )
-
-
-def log_window(window: Window, run: Run, bar=None) -> bool:
-    """Read a window (the host waits here, for it alone), stop on the first non-finite loss,
-    log the mean loss; True if any rank was asked to stop."""
-    if window.work is not None:
-        window.work.wait()
-    values = window.values.cpu()
-    losses, stop = values[:-1] / run.layout.world_size, bool(values[-1] > 0)
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        step = window.last_step - len(losses) + int(bad[0]) + 1
-        raise TrainingError(
-            f"loss became {losses[bad[0]].item()} at step {step} (epoch {window.epoch + 1}); "
-            "the last good checkpoint is kept; lower optim.lr or check the data"
-        )
-    row = {
-        "epoch": window.epoch,
-        "loss": float(losses.mean()),
-        "lr": current_lr(run.optimizer),
-        "images_per_s": window.images / max(window.seconds, 1e-9),
-    }
-    run.tracker.log(row, window.last_step)
-    run.last = row
-    if bar is not None:
-        bar.set_postfix(
-            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2g}", img_s=f"{row['images_per_s']:.0f}"
-        )
-    return stop
 
 
 def figure3(run: Run, step: int) -> None:
@@ -537,38 +329,3 @@ def figure3(run: Run, step: int) -> None:
     run.tracker.log_image(
         "conv1_kernels", figure3_image(conv1, run.cfg.model.towers, title), step, title
     )
-
-
-def progress_bar(layout: Layout, total: int, desc: str, initial: int = 0):
-    """A tqdm bar on rank 0 (ETA included); a silent stand-in elsewhere."""
-    return tqdm(
-        total=total,
-        desc=desc,
-        initial=initial,
-        disable=not layout.is_main,
-        dynamic_ncols=True,
-        leave=False,
-    )
-
-
-def restore(
-    path: Path, state: dict, model: AlexNet, optimizer, schedule, class_names=None
-) -> tuple[Position, float]:
-    """Load a checkpoint's state (read from `path` by rank 0, any layout) into this one.
-
-    A run resumed on other classes than it was trained on is refused (`class_names`).
-    """
-    if class_names is not None:
-        ckpt.check_class_names(path, state.get("class_names"), class_names)
-    try:
-        model.load_full_state_dict(state["model"])
-    except ValueError as err:
-        raise ckpt.CheckpointError(f"{path}: {err}") from None
-    momentum = state.get("optimizer", {}).get("momentum", {})
-    load_momentum_by_name(model, optimizer, local_tensors(model, momentum))
-    if "lr_scheduler" in state:
-        load_schedule_state(schedule, state["lr_scheduler"])
-    if "rng" in state:
-        ckpt.set_rng_state(state["rng"])
-    pos = Position(state["epoch"], state.get("step_in_epoch", 0), state["step"])
-    return pos, float(state.get("best_error", math.inf))

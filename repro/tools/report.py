@@ -84,7 +84,8 @@ def run(
 
     layout = init_distributed(cfg.model.towers, device, cfg.train.dist_timeout_s)
     try:
-        from repro.run.train import progress_bar, switches
+        from repro.run.train import switches
+        from repro.run.window import progress_bar
 
         model = build_trained(checkpoint, state, cfg, layout)
         bf16, channels_last, _ = switches(cfg, layout)

@@ -1,0 +1,155 @@
+"""What a training run holds, and that state on disk and back.
+
+`Run` is built once by `start` (repro/run/train.py) and read by the loop's steps; `Position`
+is where it stands. `save` gathers every tower's state into the one-process form
+(`checkpoint_state`, a collective on every rank) and has rank 0 write it; `resume` has rank 0
+pick and read a checkpoint, the state reaching every rank over the process group, and
+`restore` loads it into this layout. The files themselves (atomic writes, the format, which
+one is latest) are repro/run/checkpoint.py's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from repro.config import Config, config_to_dict
+from repro.net.dist import Layout
+from repro.net.model import AlexNet
+from repro.net.schemes import full_tensors, local_tensors
+from repro.run import agree
+from repro.run import checkpoint as ckpt
+from repro.run.optim import (
+    load_momentum_by_name,
+    load_schedule_state,
+    momentum_by_name,
+    schedule_state,
+)
+
+
+@dataclass
+class Position:
+    """Where the run is: `epoch` in progress, batches of it done, optimizer steps in all."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class Run:
+    """What one training run holds, built once by `start` and read by the loop's steps."""
+
+    cfg: Config
+    layout: Layout
+    run_dir: Path
+    model: AlexNet
+    forward: Callable  # the model, compiled or not
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    train_data: object
+    val_data: object
+    autocast: Callable
+    channels_last: bool
+    per_replica: int  # images per replica per step
+    tracker: object = None
+    pos: Position = field(default_factory=Position)
+    best_error: float = math.inf
+    last: dict = field(default_factory=dict)  # the latest logged metrics
+
+    def say(self, *args, **kwargs) -> None:
+        if self.layout.is_main:
+            print(*args, **kwargs)
+
+
+def resume(run: Run) -> bool:
+    """Continue from `train.resume` (a path or "latest"), or after a torchrun restart.
+
+    Rank 0 alone decides what to resume from and reads it (its run folder, its disk); the
+    state reaches every other rank over the process group, so node-local run folders work.
+    """
+    target = run.cfg.train.resume
+    if not target and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        target = "latest"  # torchrun --max-restarts: carry on from the last checkpoint
+    if not target:
+        return False
+
+    def pick() -> Path | None:
+        return ckpt.latest_checkpoint(run.run_dir) if target == "latest" else Path(target)
+
+    path, state = ckpt.load_on_rank0(pick, run.layout)
+    if path is None:
+        run.say(f"repro: no checkpoint in {run.run_dir}/checkpoints yet; starting fresh")
+    else:
+        run.pos, run.best_error = restore(
+            path, state, run.model, run.optimizer, run.schedule, run.train_data.class_names
+        )
+        run.say(
+            f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step} "
+            f"(read by rank 0, sent to all {run.layout.world_size} rank(s))"
+        )
+    return True
+
+
+def checkpoint_state(run: Run) -> dict:
+    """Every tower's state gathered into the one-process form (a collective on every rank)."""
+    model = run.model
+    return {
+        "format_version": ckpt.FORMAT_VERSION,
+        "model": model.full_state_dict(),
+        "optimizer": {"momentum": full_tensors(model, momentum_by_name(model, run.optimizer))},
+        "lr_scheduler": schedule_state(run.schedule),
+        "epoch": run.pos.epoch,
+        "step_in_epoch": run.pos.step_in_epoch,
+        "step": run.pos.step,
+        "config": config_to_dict(run.cfg),
+        "class_names": list(run.train_data.class_names),
+        "best_error": run.best_error,
+        "rng": ckpt.rng_state(),
+        "metrics": run.last,
+    }
+
+
+def save(run: Run, path: Path) -> None:
+    """Gather the state (collective) and let rank 0 write it atomically.
+
+    A failed write (a full disk) leaves the previous file at `path` intact; every rank
+    learns of it at once and raises it, naming the file.
+    """
+    state = checkpoint_state(run)
+
+    def write() -> None:
+        try:
+            ckpt.save_checkpoint(path, state)
+        except OSError as e:  # torch.save's errors name no file
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+    agree.on_main(write, run.layout)
+
+
+def restore(
+    path: Path, state: dict, model: AlexNet, optimizer, schedule, class_names=None
+) -> tuple[Position, float]:
+    """Load a checkpoint's state (read from `path` by rank 0, any layout) into this one.
+
+    A run resumed on other classes than it was trained on is refused (`class_names`).
+    """
+    if class_names is not None:
+        ckpt.check_class_names(path, state.get("class_names"), class_names)
+    try:
+        model.load_full_state_dict(state["model"])
+    except ValueError as err:
+        raise ckpt.CheckpointError(f"{path}: {err}") from None
+    momentum = state.get("optimizer", {}).get("momentum", {})
+    load_momentum_by_name(model, optimizer, local_tensors(model, momentum))
+    if "lr_scheduler" in state:
+        load_schedule_state(schedule, state["lr_scheduler"])
+    if "rng" in state:
+        ckpt.set_rng_state(state["rng"])
+    pos = Position(state["epoch"], state.get("step_in_epoch", 0), state["step"])
+    return pos, float(state.get("best_error", math.inf))

@@ -81,7 +81,30 @@ def test_lrn_float32_against_float64():
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-7)
         with torch.no_grad():
             assert torch.equal(lrn(x), got)
-    assert not torch.allclose(lrn(a).double(), want.detach() * (1 + 1e-5), rtol=1e-7, atol=0)
+    with pytest.raises(AssertionError):  # the tolerance sees an error of 1e-5
+        torch.testing.assert_close(
+            lrn(a).double() * (1 + 1e-5), want.detach(), rtol=1e-6, atol=1e-7
+        )
+
+
+def test_lrn_under_autocast_is_computed_in_float32():
+    """Autocast would run the band product (a matmul) in bf16; the LRN turns it off inside, so a
+    bf16 map gives the same bits with and without autocast, within bf16's rounding of float64."""
+    torch.manual_seed(5)
+    lrn = response_norm(ModelConfig())
+    a = (torch.rand(2, 48, 9, 9) * 300).bfloat16()
+    g = torch.randn(a.shape).bfloat16()
+    results = []
+    for autocast in (False, True):
+        x = a.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = lrn(x)
+        (grad,) = torch.autograd.grad(y, x, g)
+        results.append((y, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    reference = torch.nn.LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
+    want = reference(a.double())
+    torch.testing.assert_close(results[1][0].double(), want, rtol=4e-3, atol=0)
 
 
 def test_lrn_acts_within_a_tower():
@@ -182,3 +205,5 @@ def test_max_pool_equals_pytorchs_ties_included(shape, kernel, stride):
     assert y.is_contiguous() and torch.equal(y, y_ref) and torch.equal(ev, ev_ref)
     assert torch.equal(grad, grad_ref)
     assert (grad != 0).any()
+    y, where = MaxPool(kernel, stride, return_indices=True)(x)  # nn.MaxPool2d's own path
+    assert torch.equal(y, y_ref) and where.dtype == torch.int64

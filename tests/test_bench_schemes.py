@@ -78,3 +78,13 @@ def test_modelled_step_is_compute_plus_bytes_over_the_link_plus_latency():
     comm = round(P) * 4 / 25e9 + 10e-6  # one all-reduce of every gradient, 2 (K-1)/K = 1
     assert row["step_s"] == pytest.approx(0.128 + comm, rel=1e-9)
     assert row["speedup"] == pytest.approx(2 * 0.128 / (0.128 + comm), rel=1e-9)
+
+
+def test_measured_compute_runs_the_linked_fc_layers():
+    """`bench.py train --schemes` times fc6-fc8 alone through the towers' linked layers (it
+    called them with one tensor, as before issue #12, and crashed); both shares are positive."""
+    from repro.bench.schemes import measure_compute
+    from repro.bench.train import TINY
+
+    compute = measure_compute(TINY, batch=2, repeats=1)
+    assert compute["batch"] == 2 and compute["fc_s"] > 0 and compute["conv_s"] >= 0

@@ -42,6 +42,7 @@ from repro.net.layers import spatial_sizes
 from repro.net.model import AlexNet, split_classes
 from repro.net.schemes import batch_labels, build_model, reduce_gradients
 from repro.net.summary import summarize
+from repro.run import kernels
 
 SCHEMES = ("data", "towers", "owt")
 RANKS = (2, 4, 8, 16)
@@ -214,10 +215,10 @@ def measure_compute(cfg: ModelConfig, batch: int, device: str = "cpu", repeats: 
         F.cross_entropy(model(x), y).backward()
 
     def fc_only() -> None:
-        h = pool5
+        parts = list(pool5.chunk(len(towers), dim=1))  # each tower's (B, 4608)
         for name in ("fc6", "fc7"):
-            h = torch.cat([F.relu(getattr(t, name)(h)) for t in towers], 1)  # (B, 4096)
-        F.cross_entropy(torch.cat([t.fc8(h) for t in towers], 1), y).backward()
+            parts = [F.relu(a) for a in model.linked(parts, name)]  # each (B, 2048)
+        F.cross_entropy(torch.cat(model.linked(parts, "fc8"), 1), y).backward()
 
     whole(), fc_only()  # warm-up
     t_all = statistics.median(benchkit.time_region(whole, 1, dev) for _ in range(repeats))
@@ -234,9 +235,12 @@ def measure_compute(cfg: ModelConfig, batch: int, device: str = "cpu", repeats: 
 # -- measured steps of every scheme on gloo ranks ----------------------------------------------
 
 
-def scheme_rank(cfg: ModelConfig, scheme: str, batch: int, warmup: int, repeats: int) -> dict:
+def scheme_rank(
+    cfg: ModelConfig, scheme: str, batch: int, warmup: int, repeats: int, cpu_memory: str = "keep"
+) -> dict:
     """In each rank: SGD steps of the net under `scheme` as repro/run/train.py runs them."""
     layout = init_distributed(cfg.towers, "cpu", parallel=scheme)
+    kernels.cpu_memory(cpu_memory, layout.device)  # as a training run on this device
     model = build_model(cfg, layout, seed=0).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
     b = batch // layout.replicas
@@ -262,13 +266,16 @@ def scheme_rank(cfg: ModelConfig, scheme: str, batch: int, warmup: int, repeats:
     return {"scheme": scheme, "ranks": layout.world_size, "batch": batch, "step_s": times}
 
 
-def measured_rows(cfg: ModelConfig, batch: int, threads: int, warmup: int, repeats: int) -> list:
+def measured_rows(
+    cfg: ModelConfig, batch: int, threads: int, warmup: int, repeats: int, cpu_memory: str = "keep"
+) -> list:
     """Every scheme on 2 and 4 gloo ranks at one global batch (threads split over the ranks)."""
     rows = []
     for k in (2, 4):
         for scheme in SCHEMES:
             per_rank = max(1, threads // k)
-            r = benchkit.run_ranks(scheme_rank, k, (cfg, scheme, batch, warmup, repeats), per_rank)
+            job = (cfg, scheme, batch, warmup, repeats, cpu_memory)
+            r = benchkit.run_ranks(scheme_rank, k, job, per_rank)
             step = benchkit.spread(r["step_s"])
             rows.append({**r, "threads_per_rank": per_rank, "step_s": step})
             rows[-1]["images_per_s"] = batch / step["median"]
@@ -300,7 +307,11 @@ def run(args: argparse.Namespace, s: dict, tiny: bool) -> dict:
     else:
         compute = measure_compute(cfg, batch, s["device"], repeats=1 if tiny else 3)
     model = modelled(cfg, compute, args.per_gpu_batch)
-    rows = [] if args.no_rows else measured_rows(cfg, batch, threads, 1, 2 if tiny else 3)
+    rows = (
+        []
+        if args.no_rows
+        else measured_rows(cfg, batch, threads, 1, 2 if tiny else 3, s["cpu_memory"])
+    )
     result = {"compute": compute, "model": model, "measured": rows}
     print_schemes(result, args.per_gpu_batch)
     return result

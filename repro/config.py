@@ -153,7 +153,7 @@ class TrainConfig:
     """Deterministic kernels (for step-by-step comparisons between layouts)."""
     cpu_memory: str = "keep"
     """CPU runs: 'keep' (freed tensors' memory stays in the process for the next step: no page
-    faults per step, 12-16% faster on 2 cores) or 'release' (glibc's default)."""
+    faults per step, 11-15% faster on 2 cores) or 'release' (glibc's default)."""
     overwrite: bool = False
     """A fresh run into a run_dir that holds another run: refused unless true; then the old run
     is moved aside to <run_dir>.replaced-<time> (never deleted)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,7 @@ print(took, min(faults_of_one_step() for _ in range(3)))
 """
 
 
-@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_cpu_memory_keep_stops_page_faults_of_every_step():
     """'keep': a freed 64 MiB tensor's pages are reused by the next one; 'release' (glibc's
     default) unmaps them and the next allocation faults all 16,384 pages in again."""

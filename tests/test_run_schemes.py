@@ -11,12 +11,13 @@ The runs use `optim.momentum=0` and `optim.lr=0.001` (dropout stays on). One pro
 the batch gradient in one pass, K replicas in K partial sums: the weights differ by ~1e-7
 after the first step, and the paper's init leaves conv5's maps nearly flat, so sooner or later
 a near-tie (a max-pool window, a ReLU near zero; issue #12's first pass traced one to conv5's
-pooling) resolves differently and the runs part by 1e-4-1e-2 in one step. When depends on the rounding of every operation, not on the layout's logic:
-with the demo's momentum 0.9 and lr 0.01 it happens at step 9-12; at momentum 0 and lr 0.002
-it did not happen in 24 steps until the LRN's power became rsqrt * sqrt (a different last
-bit), after which it happens at step 11 (1e-4); lr 0.0015 parts too, and lr 0.001 agrees to
-2e-7 in all 24 steps, as lr 0.002 did before. The split runs agree with each other to 1e-7,
-and an in-process replay of one process summing its gradient in 2 halves reproduces them.
+pooling) resolves differently and the runs part by 1e-4-1e-2 in one step. The step at which
+that happens depends on the rounding of every operation, not on the layout's logic: with the
+demo's momentum 0.9 and lr 0.01 it is step 9-12; at momentum 0 and lr 0.002 it did not come
+in 24 steps until the LRN's power became rsqrt * sqrt (a different last bit), after which it
+is step 11 (1e-4); lr 0.0015 parts too, and lr 0.001 agrees to 2e-7 in all 24 steps, as lr
+0.002 did before. The split runs agree with each other to 1e-7, and an in-process replay of
+one process summing its gradient in 2 halves reproduces them.
 """
 
 from __future__ import annotations

@@ -64,15 +64,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc ma
 
 
 def cpu_memory(mode: str, device: torch.device) -> bool:
-    """'keep': freed CPU tensors' memory stays in the process for reuse; True if it took effect.
+    """'keep': freed CPU tensors' memory stays in the process for reuse; 'release' leaves glibc
+    as it is (it does not undo an earlier 'keep').
 
-    glibc serves every block over 128 KiB-32 MiB (its adaptive mmap threshold) with a fresh
-    mmap and unmaps it when freed, so each step of a CPU run page-faults its ~2 GB of
-    activations in again: on 2 cores 12-16% of a batch-32 step (docs/performance.md).
-    M_MMAP_MAX=0 serves large blocks from the heap too, and a 1 GiB trim threshold keeps the
-    freed top of the heap; resident memory then stays at the run's peak (measured +3%).
+    glibc serves large blocks (over its adaptive mmap threshold, 128 KiB-32 MiB) with a fresh
+    mmap and unmaps them when freed, and trims the heap's free top, so each step of a CPU run
+    page-faults ~0.5 GB in again (100,000-135,000 faults a batch-32 training step of the
+    paper's net): 11-15% of the step on 2 cores (docs/performance.md). M_MMAP_MAX=0 serves
+    large blocks from the heap too, and a 1 GiB trim threshold keeps the freed top of the
+    heap; resident memory then stays at the run's peak (measured 3-8% higher).
     Process-wide, so set once at the start of a run; a no-op on GPU runs (CUDA has its own
-    caching allocator), 'release', or a C library without mallopt (musl, macOS).
+    caching allocator), 'release', or a C library without mallopt (musl, macOS). True means
+    mallopt accepted both settings; a preloaded jemalloc or tcmalloc accepts and ignores them.
     """
     if mode not in CHOICES["train.cpu_memory"]:
         raise ValueError(f"train.cpu_memory={mode!r}: expected 'keep' or 'release'")

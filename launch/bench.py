@@ -64,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         command.set_defaults(module=module)
         importlib.import_module(module).add_arguments(command)
     args = parser.parse_args(argv)
-    importlib.import_module(args.module).run(args)
-    return 0
+
+    # Bad input (a missing data folder, an impossible layout, an --out that cannot be written)
+    # is one line and exit code 2, as in every launch/ command.
+    def measure() -> None:
+        importlib.import_module(args.module).run(args)  # prints its table, writes its JSON
+
+    return cli.run("bench", measure, also=(OSError,))
 
 
 if __name__ == "__main__":

@@ -195,10 +195,12 @@ def print_rows(result: dict) -> None:
     settings = result.get("settings", {})
     if settings.get("device") == "cpu" and "cpu_memory" in settings:
         print(f"cpu memory: {settings['cpu_memory']} (train.cpu_memory; --cpu-memory)")
-    print(
-        "(PROJECTION rows are a model: one tower's measured step + the link model, no overlap; "
-        "data wait: synthetic batches in memory)"
+    projection = (
+        "PROJECTION rows are a model: one tower's measured step + the link model, no overlap; "
+        if any(r.get("projection") for r in result["rows"])
+        else ""
     )
+    print(f"({projection}data wait: synthetic batches in memory)")
     print_targets(result)
     for n in result["notes"]:
         print(f"note: {n}")

@@ -48,8 +48,8 @@ from repro.bench import schemes
 from repro.bench.step import Case, Job, build_model, rank_main
 from repro.bench.targets import comparisons, print_rows, target_checks
 from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
-from repro.config import ModelConfig
-from repro.net.dist import single_process_layout
+from repro.config import ConfigError, ModelConfig
+from repro.net.dist import LayoutError, single_process_layout
 from repro.net.summary import summarize, training_flops
 
 TINY = ModelConfig(num_classes=10, widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67)
@@ -125,7 +125,7 @@ def settings(args: argparse.Namespace) -> dict:
         else "cpu"
     )
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but no CUDA GPU is visible")
+        raise LayoutError("--device cuda but no CUDA GPU is visible")
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     cfg = TINY if args.tiny else ModelConfig(num_classes=args.classes)
     if args.layouts:
@@ -138,8 +138,13 @@ def settings(args: argparse.Namespace) -> dict:
         )
     bad = [w for w in layouts if w != 1 and w % 2]
     if bad:
-        raise SystemExit(f"bench: --layouts {bad}: a layout is 1 process or 2R ranks (2 towers)")
+        raise LayoutError(f"--layouts {bad}: a layout is 1 process or 2R ranks (2 towers)")
     batches = args.batch or ([4] if args.tiny else [128, 512] if device == "cuda" else [32, 64])
+    if min(batches) < 1 or args.threads < 0:
+        raise ConfigError(
+            f"--batch {batches} --threads {args.threads}: batch sizes must be >= 1 and "
+            "--threads >= 0 (0: every core)"
+        )
     cases = tuple(
         Case(b, p, cl == "on", c == "on")
         for b, p, cl, c in itertools.product(

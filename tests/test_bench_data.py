@@ -96,3 +96,16 @@ def test_dataloader_side_does_the_same_work(tmp_path):
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and label == labels[0]
     assert x.min() < 0 < x.max() and x.abs().max() < 300  # mean-subtracted 0-255 pixels
     assert torch.equal(dataset[1][0], dataset[1][0])  # draws are seeded per sample
+
+
+def test_dali_side_ignores_the_folders_own_statistics(tmp_path):
+    """The demo's folder holds stats.npz for resize 72; the bench decodes at 256 with ImageNet's
+    constants (as the DataLoader side does), so that file must not stop it (it raised)."""
+    from repro.data.stats import compute_stats
+
+    root = bench_data.make_jpegs(tmp_path, images=4, size=(120, 90))
+    compute_stats(root, resize=72, progress=False)  # as the demo writes it
+    contender = bench_data.DaliContender(root, workers=1, batch=2)
+    with contender.round() as batches:
+        images, labels = next(batches)[:2]
+    assert tuple(images.shape)[0] == 2 and len(labels) == 2

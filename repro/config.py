@@ -377,7 +377,8 @@ def _validate_per_rank_scheme(cfg: Config, ranks: int) -> None:
     'owt' also gives each rank 1/K of fc8's classes (and of fc6/fc7's units), at least one."""
     b, p = cfg.train.batch_size, cfg.train.parallel
     if b % ranks:
-        nearest = sorted({max(ranks, b - b % ranks), b - b % ranks + ranks})
+        unit = math.lcm(ranks, cfg.model.towers)  # what validate() asks too: a suggestion that fits
+        nearest = sorted({max(unit, b - b % unit), b - b % unit + unit})
         raise ConfigError(
             f"train.batch_size = {b} cannot be split over {ranks} ranks (train.parallel={p}: "
             f"each rank takes its own images): it must be a multiple of {ranks}, e.g. "

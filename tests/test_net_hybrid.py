@@ -250,7 +250,7 @@ def test_batch_or_world_size_the_scheme_cannot_split_names_what_fits():
     owt = cfg("train.parallel=owt", "train.batch_size=64")
     validate_for_layout(owt, 4)
     what_fits = (
-        r"over 3 ranks .* multiple of 3, e\.g\. train\.batch_size=63 or train\.batch_size=66"
+        r"over 3 ranks .* multiple of 3, e\.g\. train\.batch_size=60 or train\.batch_size=66"
     )
     with pytest.raises(ConfigError, match=what_fits):
         validate_for_layout(owt, 3)

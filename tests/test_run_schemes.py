@@ -91,5 +91,5 @@ def test_batch_the_ranks_cannot_split_is_one_line_and_exit_2(digits, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train: error: train.batch_size = 64 cannot be split over 3 ranks")
-    assert "train.batch_size=63 or train.batch_size=66" in last
+    assert "train.batch_size=60 or train.batch_size=66" in last  # both split over 2 towers too
     assert "Traceback" not in result.stderr

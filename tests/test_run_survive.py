@@ -151,6 +151,26 @@ def test_killed_launcher_ends_its_workers_with_last_pt(digits, tmp_path):
     assert not (run / "run.lock").exists()  # released on the way out
 
 
+def test_launcher_killed_during_the_rendezvous_ends_the_waiting_worker(digits, tmp_path):
+    """A worker still waiting for the other ranks when its launcher dies ends at once: it does
+    not wait out train.dist_timeout_s re-parented (it did: the watch started after the rendezvous).
+    The launcher here is a shell that starts rank 1 of 2 (rank 0 never comes) and exits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens: rank 1 waits for rank 0's store
+    world = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    world.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
+    worker = [sys.executable, *TRAIN, *args(tmp_path / "run", digits, "train.dist_timeout_s=120")]
+    command = " ".join(f"'{a}'" for a in worker) + " > /dev/null 2>&1 & echo $!; sleep 15"
+    launcher = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, env={**env(), **world}, text=True,
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    pid = int(launcher.stdout.split()[0])
+    assert alive(pid)  # still in the rendezvous when its launcher ended (after 15 s)
+    assert wait_for(lambda: not alive(pid), 20), "the worker outlived its launcher"
+
+
 def losses_or_none(run: Path) -> dict[int, float]:
     try:
         return losses(run)

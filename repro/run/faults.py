@@ -75,8 +75,11 @@ def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | N
     (Linux's prctl(PR_SET_PDEATHSIG) would do it without a thread, but only on Linux, and
     it fires when the parent *thread* that forked us ends, not the parent process.)
     """
+    global _watcher
     if LAUNCHER_ENV not in os.environ:
         return None
+    if _watcher is not None and _watcher.is_alive():  # main() starts it before the rendezvous
+        return _watcher
     parent = os.getppid()
 
     def watch() -> None:
@@ -84,9 +87,12 @@ def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | N
             time.sleep(interval_s)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=watch, name="repro-launcher-watch", daemon=True)
-    thread.start()
-    return thread
+    _watcher = threading.Thread(target=watch, name="repro-launcher-watch", daemon=True)
+    _watcher.start()
+    return _watcher
+
+
+_watcher: threading.Thread | None = None
 
 
 _GLOO_SOURCE = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[/path/to/pair.cc:561] " prefix

@@ -63,6 +63,9 @@ def main(cfg: Config) -> dict:
     kernels.deterministic_env(cfg.train.deterministic)  # before anything starts CUDA
     world = int(os.environ.get("WORLD_SIZE", "1"))  # a batch the scheme cannot split: no group yet
     validate_for_layout(cfg, grid_shape(world, cfg.model.towers, cfg.train.parallel)[0])
+    # Watched from before the rendezvous: a launcher killed while the ranks still wait for each
+    # other would leave them waiting out dist_timeout_s (SIGTERM ends them at once there).
+    faults.watch_launcher()
     layout = init_distributed(
         cfg.model.towers, cfg.train.device, cfg.train.dist_timeout_s, cfg.train.parallel
     )

@@ -74,7 +74,7 @@ def test_statistics_equal_numpy(stats_tree):
 
 def test_a_seeded_sample(stats_tree, tmp_path):
     root, squares = stats_tree
-    out = tmp_path / "sample.npz"
+    out = tmp_path / "not" / "yet" / "sample.npz"  # its folder is made (it failed at the end)
     stats = datastats.compute_stats(root, out=out, sample=3, resize=S, seed=5, progress=False)
     chosen = np.sort(np.random.default_rng(5).choice(6, 3, replace=False))
     mean_image, *_ = numpy_stats([squares[i] for i in chosen])

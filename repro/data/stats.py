@@ -67,6 +67,8 @@ def compute_stats(
     from repro.data import pipelines  # DALI: only when statistics are computed
 
     root = Path(root)
+    target = Path(out) if out is not None else root / STATS_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)  # before the work, not after it
     index = load_index(root / "train", root, False, max_pixels)
     good = [i for i in range(len(index.paths)) if i not in index.reasons]
     paths = [str(root / "train" / index.paths[i]) for i in good]
@@ -115,7 +117,6 @@ def compute_stats(
         "resize": np.int64(resize),
         "images": np.int64(count),
     }
-    target = Path(out) if out is not None else root / STATS_NAME
     # A name of this process's own: two ranks computing the same file must not share a tmp.
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **stats)

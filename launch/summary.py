@@ -3,11 +3,16 @@
 python launch/summary.py                                  # the paper's net
 python launch/summary.py configs/ablation_one_tower.yaml
 python launch/summary.py configs/demo.yaml model.fc_width=256
+python launch/summary.py model.towers=1                   # the paper's net, overridden
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from repro import cli
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper.yaml"
 
 
 def main() -> int:
@@ -18,11 +23,17 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
 
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # only overrides were given
+        config, overrides = None, [config, *overrides]
+
     def run() -> int:
         from repro.config import load_config
         from repro.net.summary import format_summary
 
-        print(format_summary(load_config(args.config, args.overrides).model))
+        # paper.yaml rather than the bare defaults: those name no data folder, which the
+        # config check asks for although a summary reads only the model section.
+        print(format_summary(load_config(config or PAPER, overrides).model))
         return 0
 
     return cli.run("summary", run)

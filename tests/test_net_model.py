@@ -246,3 +246,22 @@ def test_dropout_counter_travels_in_state_dict():
     fresh = AlexNet(SMALL)
     fresh.load_full_state_dict(state)
     assert fresh.towers["1"].dropout_draws == 2
+
+
+@pytest.mark.parametrize(
+    "argv, flops",
+    [((), "training 4.14 GFLOP"), (("model.towers=1",), "training 1.76 GFLOP")],
+)
+def test_summary_command_without_a_config_is_the_papers_net(argv, flops):
+    """`python launch/summary.py [overrides]`: the paper's net (it asked for a data folder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "launch" / "summary.py"), *argv],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert flops in result.stdout

@@ -6,7 +6,8 @@
 
 Images are prepared as evaluation prepares them (shorter side to data.resize, central square,
 the run's mean image subtracted) and scored on the centre patch, or on the softmax averaged
-over the 10 patches of §4.1. Folders are searched for *.jpg, *.jpeg, *.png (recursively).
+over the 10 patches of §4.1. Folders are searched recursively for the image files training reads
+(repro.data.imagecheck.IMAGE_EXTENSIONS: .jpg, .jpeg, .png, .bmp, .webp, ... in any case).
 --plot DIR writes DIR/<image stem>.png per image (a repeated stem gets _2, _3...): the patch
 the net saw (or its 10 patches) beside a bar chart of its top-k, titled with the checkpoint,
 its step and the patch mode; the command says where it wrote them.

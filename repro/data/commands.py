@@ -213,9 +213,7 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "python launch/prepare_data.py stats data/flowers --sample 2000",
     )
     sub.add_argument("root", help="data root holding train/")
-    sub.add_argument(
-        "--out", default=None, help="output file (default: the module's, root/stats.npz)"
-    )
+    sub.add_argument("--out", default=None, help="output file (default: root/stats.npz)")
     sub.add_argument(
         "--sample", type=int, default=0, help="images to use, 0 for all (default: %(default)s)"
     )

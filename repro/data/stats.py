@@ -131,7 +131,7 @@ def _stats_path(cfg: DataConfig) -> Path | None:
         if not path.is_file():
             raise DataError(
                 f"data.stats {path} does not exist; write it with "
-                "`python -m repro.data.stats ROOT --out PATH`, or leave data.stats empty"
+                "`python launch/prepare_data.py stats ROOT --out PATH`, or leave data.stats empty"
             )
         return path
     path = Path(cfg.root) / STATS_NAME
@@ -149,7 +149,7 @@ def load_stats(cfg: DataConfig) -> dict:
         warnings.warn(
             f"no statistics file {Path(cfg.root) / STATS_NAME}: using ImageNet's PCA and "
             "channel mean (a flat mean image); compute this data set's with "
-            f"`python -m repro.data.stats {cfg.root or 'ROOT'} --resize {cfg.resize}`",
+            f"`python launch/prepare_data.py stats {cfg.root or 'ROOT'} --resize {cfg.resize}`",
             stacklevel=2,
         )
         return {
@@ -166,7 +166,8 @@ def load_stats(cfg: DataConfig) -> dict:
     if stats["mean_image"].shape != (cfg.resize, cfg.resize, 3):
         raise DataError(
             f"{path} holds a mean image of shape {stats['mean_image'].shape} but data.resize is "
-            f"{cfg.resize}: recompute it with `python -m repro.data.stats ROOT --resize {cfg.resize}`"
+            f"{cfg.resize}: recompute it with "
+            f"`python launch/prepare_data.py stats ROOT --resize {cfg.resize}`"
         )
     stats["path"] = str(path)
     return stats

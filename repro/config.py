@@ -280,8 +280,7 @@ def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
     - choice fields (CHOICES): model.towers 1|2, model.exchange, model.pool, model.lrn_alpha,
       data.source, data.mean, data.decode, optim.schedule, train.device, train.precision,
       train.channels_last, train.compile, train.parallel, train.cpu_memory, wandb.mode must
-      be one of their
-      choices;
+      be one of their choices;
     - the ranges in _RANGES: num_classes >= 2; widths are 5 positive ints; fc_width,
       image_size >= 1; pad_right_bottom >= 0; init stds > 0; dropout in [0, 1); resize,
       crop, threads, synthetic_images >= 1; lighting_std >= 0; val_fraction in (0, 1);

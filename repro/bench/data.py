@@ -46,7 +46,7 @@ from repro.bench import kit
 from repro.config import DataConfig, load_config
 from repro.data import augment
 from repro.data import loaders as data
-from repro.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN
+from repro.data.stats import imagenet_stats
 from repro.net.dist import single_process_layout
 
 EXAMPLE = """examples:
@@ -84,9 +84,9 @@ class AugmentedFiles(torch.utils.data.Dataset):
 
     def __init__(self, paths, labels, resize: int, crop: int, sigma: float, seed: int = 0):
         self.paths, self.labels, self.resize, self.crop = paths, labels, resize, crop
-        self.mean = torch.from_numpy(np.broadcast_to(IMAGENET_MEAN, (resize, resize, 3)).copy())
-        self.mean = self.mean.float().permute(2, 0, 1)
-        self.basis = augment.lighting_basis(IMAGENET_EIGVAL, IMAGENET_EIGVEC)
+        imagenet = imagenet_stats(resize)  # what the DALI side is given too
+        self.mean = torch.from_numpy(imagenet["mean_image"]).permute(2, 0, 1)  # (3, H, W)
+        self.basis = augment.lighting_basis(imagenet["eigval"], imagenet["eigvec"])
         self.sigma, self.seed = sigma, seed
 
     def __len__(self) -> int:
@@ -118,15 +118,7 @@ class DaliContender:
         # holds (the demo's is for resize 72, not this bench's 256): the same work either way.
         self._stats_dir = tempfile.TemporaryDirectory(prefix="repro-bench-stats-")
         stats = Path(self._stats_dir.name) / "imagenet.npz"
-        side = DataConfig().resize
-        mean_image = np.broadcast_to(IMAGENET_MEAN, (side, side, 3)).astype(np.float32)
-        np.savez(
-            stats,
-            eigval=IMAGENET_EIGVAL,
-            eigvec=IMAGENET_EIGVEC,
-            mean_channel=IMAGENET_MEAN,
-            mean_image=mean_image,
-        )
+        np.savez(stats, **imagenet_stats(DataConfig().resize))
         cfg = DataConfig(
             root=str(root), threads=workers, decode="cpu", mean="image", stats=str(stats)
         )

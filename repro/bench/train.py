@@ -48,7 +48,7 @@ from repro.bench import schemes
 from repro.bench.step import Case, Job, build_model, rank_main
 from repro.bench.targets import comparisons, print_rows, target_checks
 from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
-from repro.config import ConfigError, ModelConfig
+from repro.config import CHOICES, ConfigError, ModelConfig
 from repro.net.dist import LayoutError, single_process_layout
 from repro.net.summary import summarize, training_flops
 
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument(
         "--cpu-memory",
-        choices=("keep", "release"),
+        choices=CHOICES["train.cpu_memory"],
         default="keep",
         help="CPU ranks: freed memory kept for reuse as train.cpu_memory's default does "
         "(keep), or glibc's default (release)",

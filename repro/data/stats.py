@@ -138,6 +138,17 @@ def _stats_path(cfg: DataConfig) -> Path | None:
     return path if cfg.root and path.is_file() else None
 
 
+def imagenet_stats(resize: int) -> dict[str, np.ndarray]:
+    """The ImageNet constants of PAPER.md §3 in load_stats' form: the mean image is the channel
+    mean at every pixel of a resize x resize square."""
+    return {
+        "eigval": IMAGENET_EIGVAL.copy(),
+        "eigvec": IMAGENET_EIGVEC.copy(),
+        "mean_channel": IMAGENET_MEAN.copy(),
+        "mean_image": np.broadcast_to(IMAGENET_MEAN, (resize, resize, 3)).astype(np.float32),
+    }
+
+
 def load_stats(cfg: DataConfig) -> dict:
     """eigval (3,), eigvec (3, 3), mean_image (resize, resize, 3) and mean_channel (3,), 0-255.
 
@@ -152,15 +163,7 @@ def load_stats(cfg: DataConfig) -> dict:
             f"`python launch/prepare_data.py stats {cfg.root or 'ROOT'} --resize {cfg.resize}`",
             stacklevel=2,
         )
-        return {
-            "eigval": IMAGENET_EIGVAL.copy(),
-            "eigvec": IMAGENET_EIGVEC.copy(),
-            "mean_channel": IMAGENET_MEAN.copy(),
-            "mean_image": np.broadcast_to(IMAGENET_MEAN, (cfg.resize, cfg.resize, 3)).astype(
-                np.float32
-            ),
-            "path": None,
-        }
+        return {**imagenet_stats(cfg.resize), "path": None}
     with np.load(path) as z:
         stats = {k: z[k] for k in ("eigval", "eigvec", "mean_channel", "mean_image")}
     if stats["mean_image"].shape != (cfg.resize, cfg.resize, 3):

@@ -64,6 +64,10 @@ def guarded(cfg: Config, layout: Layout, run: Callable[[], T]) -> T:
             lock.release()
 
 
+_watcher: threading.Thread | None = None
+"""The launcher watch of this process, once started (main() starts it before the rendezvous)."""
+
+
 def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | None:
     """Under torchrun: send this worker SIGTERM when its launcher (the parent) dies.
 
@@ -90,9 +94,6 @@ def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | N
     _watcher = threading.Thread(target=watch, name="repro-launcher-watch", daemon=True)
     _watcher.start()
     return _watcher
-
-
-_watcher: threading.Thread | None = None
 
 
 _GLOO_SOURCE = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[/path/to/pair.cc:561] " prefix

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,17 @@ def test_otherwise_gpu_runs_autotune_and_cpu_runs_do_not(restore_flags):
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     kernels.kernel_flags(False, torch.device("cpu"))
     assert not torch.backends.cudnn.benchmark
+
+
+def test_eager_flags_do_not_import_the_compiler():
+    """torch.use_deterministic_algorithms imports torch._inductor (1.4 s of each process's
+    start on 2 cores): an eager run that keeps the default setting must not pay for it."""
+    code = (
+        "import sys, torch; from repro.run.kernels import kernel_flags; "
+        "kernel_flags(False, torch.device('cpu')); print('torch._inductor' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"], out.stderr[-2000:]
 
 
 def layout_on(device: str, world_size: int) -> Layout:

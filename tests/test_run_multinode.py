@@ -19,24 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from spawn import run_ranks
 from test_run_train import TRAIN, args, env, losses, ok, python
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The demo's data set (as tests/test_run_train.py writes it)."""
-    from repro.data.convert import write_digits
-    from repro.data.stats import compute_stats
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root, val_fraction=0.2, seed=0, progress=False)
-    compute_stats(root, resize=72, progress=False)
-    return root
 
 
 def _free_port() -> int:

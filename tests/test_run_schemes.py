@@ -27,25 +27,12 @@ import socket
 import subprocess
 import sys
 
-import pytest
 from test_run_train import ROOT, TRAIN, args, env, losses, ok, python, torchrun
 
 STEADY = ("optim.momentum=0.0", "optim.lr=0.001", "data.threads=1")
 """See the module docstring: momentum 0 and a tenth of the demo's lr keep the 1e-7 difference
 between one sum of the batch gradient and K partial sums from tipping a near-tie in the first
 epoch (measured: lr 0.0015 and 0.002 tip one at step 11 with this tree's rounding)."""
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from repro.config import DataConfig
-    from repro.data.convert import write_digits
-    from repro.data.stats import compute_stats
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root, val_fraction=DataConfig().val_fraction, seed=0, progress=False)
-    compute_stats(root, resize=72, progress=False)
-    return root
 
 
 def evaluations(run_dir) -> list[tuple[float, float]]:

@@ -2,8 +2,9 @@
 
 A user error is one the person running the command can fix (a wrong key, a missing folder, a
 checkpoint for another model); it ends the command with `PROG: error: ...` on stderr and exit
-code 2. A run stopped for a non-finite loss exits with 1. Anything else is a bug and keeps
-its traceback. This module sits above every room: it may import any of them, none imports it.
+code 2. A run stopped for a non-finite loss exits with 1; a Ctrl-C, wherever it lands, with
+`PROG: interrupted` and 130 (128 + SIGINT, what a shell reports). Anything else is a bug and
+keeps its traceback. This module sits above every room: it may import any of them, none imports it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def parser(prog: str, description: str, usage_doc: str | None) -> argparse.ArgumentParser:
@@ -56,10 +58,13 @@ def run(
     `also`: more exception types that are user errors for this command (their message is
     folded onto one line); `trace`: re-raise them instead, for --traceback.
     """
-    from repro.run.faults import TrainingError
-
     try:
+        # In the try: this import loads torch (a second or more), as long as a Ctrl-C may land.
+        from repro.run.faults import TrainingError
+
         return int(fn() or 0)
+    except KeyboardInterrupt:  # first: the names below may not be imported yet
+        return interrupted(prog)
     except user_errors() as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -71,11 +76,21 @@ def run(
             raise
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+
+
+def interrupted(prog: str) -> int:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 def exit_with(main: Callable[[], int]) -> None:
-    """`if __name__ == "__main__": cli.exit_with(main)`: the process exits with main's code."""
-    sys.exit(main())
+    """`if __name__ == "__main__": cli.exit_with(main)`: the process exits with main's code.
+
+    A Ctrl-C before main reaches `run` (parsing its arguments) ends as in `run`; PROG is the
+    script's name, which every entry point also gives its parser.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = interrupted(Path(sys.argv[0]).stem)
+    sys.exit(code)

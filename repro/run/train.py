@@ -291,7 +291,8 @@ def ten_patch_evaluation(run: Run, stop: StopRequest) -> bool:
     False if a stop request came during it (nothing is logged; a resumed run repeats it).
     """
     cfg, layout = run.cfg, run.layout
-    ten = build_eval_loader(cfg.data, layout, run.per_replica, "ten", run.channels_last)
+    n = cfg.model.num_classes  # the synthetic source draws labels in 0..n-1
+    ten = build_eval_loader(cfg.data, layout, run.per_replica, "ten", run.channels_last, n)
     with progress_bar(layout, ten.num_images, "10-patch") as bar:
         result = evaluate(
             run.model, ten, layout, cfg.model.num_classes, "ten", run.autocast, bar,

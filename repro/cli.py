@@ -2,9 +2,11 @@
 
 A user error is one the person running the command can fix (a wrong key, a missing folder, a
 checkpoint for another model); it ends the command with `PROG: error: ...` on stderr and exit
-code 2. A run stopped for a non-finite loss exits with 1; a Ctrl-C, wherever it lands, with
-`PROG: interrupted` and 130 (128 + SIGINT, what a shell reports). Anything else is a bug and
-keeps its traceback. This module sits above every room: it may import any of them, none imports it.
+code 2. A run stopped for a non-finite loss exits with 1; a run asked to stop (SIGINT,
+SIGTERM) saves a checkpoint and exits with 128 + the signal's number, 130 or 143, as a shell
+reports a process the signal ended; a Ctrl-C before that, wherever it lands, prints
+`PROG: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
+This module sits above every room: it may import any of them, none imports it.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def run(
     """
     try:
         # In the try: this import loads torch (a second or more), as long as a Ctrl-C may land.
-        from repro.run.faults import TrainingError
+        from repro.run.faults import Stopped, TrainingError
 
         return int(fn() or 0)
     except KeyboardInterrupt:  # first: the names below may not be imported yet
@@ -71,6 +73,8 @@ def run(
     except TrainingError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
+    except Stopped as err:  # asked to stop; the run has said where its checkpoint is
+        return err.exit_code
     except also as err:
         if trace:
             raise

@@ -59,7 +59,8 @@ def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
 
 
 def main(cfg: Config) -> dict:
-    """Train as configured; returns the final metrics. Process groups are always torn down."""
+    """Train as configured; returns the final metrics, or raises faults.Stopped when asked
+    to stop. Process groups are always torn down."""
     kernels.deterministic_env(cfg.train.deterministic)  # before anything starts CUDA
     world = int(os.environ.get("WORLD_SIZE", "1"))  # a batch the scheme cannot split: no group yet
     validate_for_layout(cfg, grid_shape(world, cfg.model.towers, cfg.train.parallel)[0])
@@ -88,7 +89,8 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
     arrives: during training steps (train_epoch checks it), during validation and the
     10-patch evaluation (checked between batches), and during a checkpoint write (which
     completes; the run stops after it). Every exit leaves a checkpoint from which
-    `train.resume=latest` goes on to the result the uninterrupted run would have reached.
+    `train.resume=latest` goes on to the result the uninterrupted run would have reached;
+    a stopped run then raises faults.Stopped, so that it does not end as a finished one.
     """
     run = start(cfg, layout)
     resumed = resume(run)
@@ -105,16 +107,16 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
         while run.pos.epoch < cfg.train.epochs and not reached(cfg, run.pos):
             if run.pos.step_in_epoch < steps:  # not when resumed between steps and validation
                 if train_epoch(run, stop):
-                    return stopped(run, "", save_last=True)
+                    raise stopped(run, stop, "", save_last=True)
                 if run.pos.step_in_epoch < steps:  # max_steps mid-epoch
                     save(run, ckpt.last_path(run.run_dir))
                     break
             if not end_of_epoch(run, stop):  # stopped in validation: resume repeats it
-                return stopped(run, " during validation", save_last=True)
+                raise stopped(run, stop, " during validation", save_last=True)
             if agree.any_rank(stop.requested, layout):  # came during the checkpoint write
-                return stopped(run, "", save_last=False)
+                raise stopped(run, stop, "", save_last=False)
         if cfg.train.final_ten_patch and not ten_patch_evaluation(run, stop):
-            return stopped(run, " during the 10-patch evaluation", save_last=False)
+            raise stopped(run, stop, " during the 10-patch evaluation", save_last=False)
         if layout.is_main and (run.run_dir / "metrics.jsonl").exists():
             draw_curves(run)
         return run.last
@@ -122,8 +124,9 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
         run.tracker.finish()
 
 
-def stopped(run: Run, when: str, save_last: bool) -> dict:
-    """End on a stop request: write last.pt if the latest checkpoint is behind, say which."""
+def stopped(run: Run, stop: StopRequest, when: str, save_last: bool) -> faults.Stopped:
+    """End on a stop request: write last.pt if the latest checkpoint is behind, say which;
+    returns the exception to raise (the command exits 128 + the signal's number)."""
     if save_last:
         save(run, ckpt.last_path(run.run_dir))
     if run.layout.is_main:
@@ -132,7 +135,7 @@ def stopped(run: Run, when: str, save_last: bool) -> dict:
             f"repro: stop requested{when}; checkpoint {latest} at step {run.pos.step}; "
             "continue with train.resume=latest"
         )
-    return run.last
+    return faults.Stopped(stop.signum)
 
 
 def start(cfg: Config, layout: Layout) -> Run:

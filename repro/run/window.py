@@ -28,11 +28,13 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
+        """The signal that asked, None if none came to this rank (another rank's stopped it)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def agreed(self, layout: Layout) -> bool:
         """True on every rank if any rank was asked to stop (a blocking collective when

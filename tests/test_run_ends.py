@@ -1,11 +1,13 @@
 """How a one-process run ends, trained in this process on a tiny synthetic run (2 steps an epoch).
 
-Proves: a run asked to stop by Ctrl-C saves last.pt and ends the command with exit code 130,
-not 0 as a finished run does.
+Proves: the rows logged at one step (training, validation, 10-patch) name the same epoch,
+counted from 1; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit
+code 130, not 0 as a finished run does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import replace
@@ -38,28 +40,43 @@ def tiny(run_dir: Path, **options) -> Config:
     )
 
 
-@pytest.fixture
-def command():
-    """`command(cfg)`: what launch/train.py does with cfg, in this process; its exit code.
-
-    The SIGINT/SIGTERM handlers the run installs are put back afterwards.
-    """
+def command(cfg: Config) -> int:
+    """What launch/train.py does with cfg, in this process: its exit code. The SIGINT and
+    SIGTERM handlers the run installs are put back afterwards."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    layout = single_process_layout(TINY.towers, torch.device("cpu"))
 
-    def command(cfg: Config) -> int:
-        def run() -> int:  # as launch/train.py's
-            train.train(cfg, layout)
-            return 0
+    def run() -> int:  # as launch/train.py's
+        train.train(cfg, single_process_layout(TINY.towers, torch.device("cpu")))
+        return 0
 
+    try:
         return cli.run("train", run)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
-    yield command
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(command, monkeypatch, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A run folder of 2 epochs (4 steps), each validated, and the final 10-patch evaluation."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert command(tiny(run_dir, epochs=2, final_ten_patch=True)) == 0
+    return run_dir
+
+
+def test_the_rows_of_one_step_name_one_epoch_counted_from_1(finished):
+    """The training row at an epoch's last step and that epoch's evaluation say the same epoch."""
+    epochs = {}
+    for row in rows(finished):
+        epochs.setdefault(row["step"], set()).add(row["epoch"])
+    assert epochs == {1: {1}, 2: {1}, 3: {2}, 4: {2}}
+
+
+def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(monkeypatch, tmp_path, capsys):
     class CtrlC(MetricsFile):
         def log(self, metrics, step):  # the user presses Ctrl-C as the first row is written
             super().log(metrics, step)

@@ -1,7 +1,7 @@
 """How a one-process run ends, trained in this process on a tiny synthetic run (2 steps an epoch).
 
 Proves: the rows logged at one step (training, validation, 10-patch) name the same epoch,
-counted from 1; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit
+counted from 1; a finished run resumed says so in one line, exits 0 and adds no row; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit
 code 130, not 0 as a finished run does.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +75,18 @@ def test_the_rows_of_one_step_name_one_epoch_counted_from_1(finished):
     for row in rows(finished):
         epochs.setdefault(row["step"], set()).add(row["epoch"])
     assert epochs == {1: {1}, 2: {1}, 3: {2}, 4: {2}}
+
+
+def test_resuming_a_finished_run_says_so_and_adds_no_row(finished, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert command(tiny(run_dir, epochs=2, final_ten_patch=True, resume="latest")) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == before  # no second 10-patch row
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"repro: the run in {run_dir} is already complete at step 4, epoch 2 "
+        "(train.epochs reached); raise train.epochs to train on"
+    )
 
 
 def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(monkeypatch, tmp_path, capsys):

@@ -61,6 +61,17 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def read_rows(metrics_jsonl: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (MetricsFile), in order."""
+    rows = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short when the run was killed
+            continue
+    return rows
+
+
 class TrackerWarning(UserWarning):
     """A tracker stopped working; the run goes on without it."""
 

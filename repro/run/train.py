@@ -38,7 +38,7 @@ from repro.run.evaluate import evaluate
 from repro.run.optim import build_optimizer, build_schedule, freeze, step_schedule
 from repro.run.plots import figure3_image, plot_curves
 from repro.run.state import Position, Run, resume, save
-from repro.run.tracking import make_tracker, run_name
+from repro.run.tracking import TEN_TOP1, make_tracker, read_rows, run_name
 from repro.run.window import StopRequest, launch_window, log_window, progress_bar
 
 KEEP_EPOCH_CHECKPOINTS = 3
@@ -94,6 +94,13 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
     """
     run = start(cfg, layout)
     resumed = resume(run)
+    if resumed and complete(run):  # nothing to train or evaluate: no row is added
+        limit = "train.max_steps" if reached(cfg, run.pos) else "train.epochs"
+        run.say(
+            f"repro: the run in {run.run_dir} is already complete at step {run.pos.step}, "
+            f"epoch {run.pos.epoch} ({limit} reached); raise {limit} to train on"
+        )
+        return run.last
     if layout.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
     # Rank 0 may wait up to wandb.start_timeout_s for wandb; the others wait for it here.
@@ -327,6 +334,23 @@ def draw_curves(run: Run) -> None:
 
 def reached(cfg: Config, pos: Position) -> bool:
     return bool(cfg.train.max_steps) and pos.step >= cfg.train.max_steps
+
+
+def complete(run: Run) -> bool:
+    """Is there nothing left to do: the epochs (or max_steps) done and, if asked for, the
+    10-patch evaluation logged at this step? (Rank 0 reads metrics.jsonl and tells the rest.)"""
+    cfg, pos = run.cfg, run.pos
+    if pos.epoch < cfg.train.epochs and not reached(cfg, pos):
+        return False
+    if not cfg.train.final_ten_patch:
+        return True
+
+    def ten_patch_logged() -> bool:
+        metrics = run.run_dir / "metrics.jsonl"
+        rows = read_rows(metrics) if metrics.exists() else []
+        return any(TEN_TOP1 in row and row.get("step") == pos.step for row in rows)
+
+    return agree.any_rank(bool(agree.on_main(ten_patch_logged, run.layout)), run.layout)
 
 
 def figure3(run: Run, step: int) -> None:

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+REPRO = Path(__file__).resolve().parent
+"""The package: a warning raised from its files is one of ours."""
 
 
 def parser(prog: str, description: str, usage_doc: str | None) -> argparse.ArgumentParser:
@@ -58,13 +63,15 @@ def run(
     """Call fn; turn user errors into one line on stderr and exit code 2.
 
     `also`: more exception types that are user errors for this command (their message is
-    folded onto one line); `trace`: re-raise them instead, for --traceback.
+    folded onto one line); `trace`: re-raise them instead, for --traceback. Our warnings are
+    one line too (`warnings_as_lines`).
     """
     try:
         # In the try: this import loads torch (a second or more), as long as a Ctrl-C may land.
         from repro.run.faults import Stopped, TrainingError
 
-        return int(fn() or 0)
+        with warnings_as_lines(prog):
+            return int(fn() or 0)
     except KeyboardInterrupt:  # first: the names below may not be imported yet
         return interrupted(prog)
     except user_errors() as err:
@@ -80,6 +87,29 @@ def run(
             raise
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+
+
+@contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """While a command runs, each of repro's warnings is printed once, as `PROG: warning: ...`.
+
+    Python's own format adds the source line of the `warnings.warn` call, and prints a warning
+    again after any `catch_warnings` (which clears its memory of those shown): the run's
+    loaders each load the statistics, with such blocks in between. Other packages' warnings
+    print as Python prints them, naming their file.
+    """
+    with warnings.catch_warnings():  # puts showwarning back afterwards
+        show, shown = warnings.showwarning, set()
+
+        def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+            if not Path(filename).resolve().is_relative_to(REPRO):
+                show(message, category, filename, lineno, file, line)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+        warnings.showwarning = one_line
+        yield
 
 
 def interrupted(prog: str) -> int:

@@ -5,7 +5,8 @@ class, the same for a seed and different for another, and can be re-run without 
 or losing files, while a different split in the same place is refused; ImageNet's validation
 images land in their ground-truth class folder; the digits, Fashion-MNIST and CIFAR converters
 write the right counts, class names and pixels, skip a finished tree and never leave a half
-one; and each bad input ends the command with exit code 2 and one line saying why.
+one; and each bad input ends the command with exit code 2 and one line saying why, or
+with its traceback given --traceback, before the sub-command or after it.
 Commands run as a user runs them (`python launch/prepare_data.py ...` from the repo root), on
 tiny data made here in the real formats.
 """
@@ -491,3 +492,12 @@ def test_help_never_shows_a_default_of_none(capsys):
             launch.main([command, "--help"])
         text = capsys.readouterr().out
         assert "example:" in text and "(default: None)" not in text, command
+
+
+def test_traceback_is_taken_before_or_after_the_command(tmp_path):
+    """--traceback re-raises the error (its traceback shown) wherever it is given."""
+    launch, missing = load_launch(), str(tmp_path / "missing")
+    for argv in (["--traceback", "check", missing], ["check", missing, "--traceback"]):
+        with pytest.raises(prepare.PrepareError, match="does not exist"):
+            launch.main(argv)
+    assert launch.main(["check", missing]) == 2  # without it: one line

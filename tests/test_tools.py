@@ -14,14 +14,15 @@ it, saved in the format train.py writes. Proves:
   and unreadable files are named on stderr, skipped, and make the exit code 1;
 - every PNG is written at its documented pixel size; the kernel picture is exactly
   repro.run.plots.kernel_grid of conv1 and the colour-specificity score matches its definition;
-- each bad input ends the command with exit code 2 and one line saying why; --device cuda
-  without a GPU is refused naming --device.
+- each bad input ends the command with exit code 2 and one line saying why (predict given
+  only paths that do not exist too); --device cuda without a GPU is refused naming --device.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -442,3 +443,13 @@ def test_device_cuda_without_a_gpu_names_the_option_given(setup, monkeypatch):
             "--device cuda was given but no CUDA GPU is visible; use --device auto (the GPU "
             "where there is one, else the CPU) or --device cpu"
         )
+
+
+def test_predict_of_only_missing_paths_is_one_line_and_exit_2(setup, monkeypatch, capsys):
+    """Nothing named exists, so nothing to predict: a bad input, like an empty folder (one
+    missing among others is skipped with exit 1: test_predict_probabilities_...)."""
+    missing = setup["base"] / "missing.jpg"
+    monkeypatch.setattr(sys, "argv", ["predict", str(setup["ckpt"]), str(missing)])
+    assert runpy.run_path(str(ROOT / "launch" / "predict.py"))["main"]() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"predict: error: no such image file or folder: {missing}"]

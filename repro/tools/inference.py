@@ -182,7 +182,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[str]:
     """Files named directly (any name, in the given order), then each named folder's
     .jpg/.jpeg/.png files (recursively, sorted).
 
-    A name that is neither a file nor a folder is kept: `prepare_images` reports it as missing.
+    A name that is neither a file nor a folder is kept: `prepare_images` reports it as missing,
+    and the others are still predicted. If none exists, there is nothing to predict: an error.
     """
     found: list[str] = []
     for item in map(str, inputs):
@@ -195,6 +196,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[str]:
             found += inside
         else:
             found.append(item)
+    if not any(os.path.exists(path) for path in found):
+        raise DataError(f"no such image file or folder: {', '.join(found)}")
     return found
 
 

@@ -21,7 +21,10 @@ from repro import cli
 def main() -> int:
     parser = cli.parser("train", "Train AlexNet (2012) as two model-parallel towers.", __doc__)
     parser.add_argument("config", help="YAML file, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.02")
+    # default=[]: without one argparse lists a "*" positional as required when none is given.
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value, e.g. optim.lr=0.02"
+    )
     args = parser.parse_args()
 
     def run() -> int:

@@ -10,12 +10,13 @@ Bad input ends the command with exit code 2 and one line on stderr saying why.
 from __future__ import annotations
 
 from repro import cli
-from repro.data.commands import add_commands
 
 PROG = "prepare_data"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from repro.data.commands import add_commands  # numpy: here, where a Ctrl-C is one line
+
     doc = __doc__.splitlines()
     parser = add_commands(cli.parser(PROG, doc[0], "\n".join(doc[1:])))
     args = parser.parse_args(argv)

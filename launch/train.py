@@ -8,6 +8,9 @@ python launch/train.py configs/demo.yaml train.resume=latest
 Two nodes of 8 GPUs (8 replicas x 2 towers); the same command on every node, HOST being
 node 0's address (c10d rendezvous: torchrun numbers the nodes itself):
 torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB launch/train.py configs/paper.yaml train.batch_size=1024
+
+Exit codes: 0 finished; 1 a fault (non-finite loss, out of memory, a lost rank, a full disk);
+2 a bad input; 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) stopped on request, its checkpoint saved.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from repro import cli
 def main() -> int:
     parser = cli.parser("train", "Train AlexNet (2012) as two model-parallel towers.", __doc__)
     parser.add_argument("config", help="YAML file, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.02")
+    # default=[]: without one argparse lists a "*" positional as required when none is given.
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value, e.g. optim.lr=0.02"
+    )
     args = parser.parse_args()
 
     def run() -> int:

@@ -2,15 +2,24 @@
 
 A user error is one the person running the command can fix (a wrong key, a missing folder, a
 checkpoint for another model); it ends the command with `PROG: error: ...` on stderr and exit
-code 2. A run stopped for a non-finite loss exits with 1. Anything else is a bug and keeps
-its traceback. This module sits above every room: it may import any of them, none imports it.
+code 2. A run stopped for a non-finite loss exits with 1; a run asked to stop (SIGINT,
+SIGTERM) saves a checkpoint and exits with 128 + the signal's number, 130 or 143, as a shell
+reports a process the signal ended; a Ctrl-C before that, wherever it lands, prints
+`PROG: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
+This module sits above every room: it may import any of them, none imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPRO = Path(__file__).resolve().parent
+"""The package: a warning raised from its files is one of ours."""
 
 
 def parser(prog: str, description: str, usage_doc: str | None) -> argparse.ArgumentParser:
@@ -54,28 +63,68 @@ def run(
     """Call fn; turn user errors into one line on stderr and exit code 2.
 
     `also`: more exception types that are user errors for this command (their message is
-    folded onto one line); `trace`: re-raise them instead, for --traceback.
+    folded onto one line); `trace`: re-raise them instead, for --traceback. Our warnings are
+    one line too (`warnings_as_lines`).
     """
-    from repro.run.faults import TrainingError
-
     try:
-        return int(fn() or 0)
+        # In the try: this import loads torch (a second or more), as long as a Ctrl-C may land.
+        from repro.run.faults import Stopped, TrainingError
+
+        with warnings_as_lines(prog):
+            return int(fn() or 0)
+    except KeyboardInterrupt:  # first: the names below may not be imported yet
+        return interrupted(prog)
     except user_errors() as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
+    except Stopped as err:  # asked to stop; the run has said where its checkpoint is
+        return err.exit_code
     except also as err:
         if trace:
             raise
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+
+
+@contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """While a command runs, each of repro's warnings is printed once, as `PROG: warning: ...`.
+
+    Python's own format adds the source line of the `warnings.warn` call, and prints a warning
+    again after any `catch_warnings` (which clears its memory of those shown): the run's
+    loaders each load the statistics, with such blocks in between. Other packages' warnings
+    print as Python prints them, naming their file.
+    """
+    with warnings.catch_warnings():  # puts showwarning back afterwards
+        show, shown = warnings.showwarning, set()
+
+        def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+            if not Path(filename).resolve().is_relative_to(REPRO):
+                show(message, category, filename, lineno, file, line)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+        warnings.showwarning = one_line
+        yield
+
+
+def interrupted(prog: str) -> int:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 def exit_with(main: Callable[[], int]) -> None:
-    """`if __name__ == "__main__": cli.exit_with(main)`: the process exits with main's code."""
-    sys.exit(main())
+    """`if __name__ == "__main__": cli.exit_with(main)`: the process exits with main's code.
+
+    A Ctrl-C before main reaches `run` (parsing its arguments) ends as in `run`; PROG is the
+    script's name, which every entry point also gives its parser.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = interrupted(Path(sys.argv[0]).stem)
+    sys.exit(code)

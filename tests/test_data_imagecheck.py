@@ -5,11 +5,12 @@ around garbage are each found with a reason, and nothing else is; the list lands
 <root>/bad_files.txt with paths relative to root and reads back as absolute paths; the cheap
 check used at loader build time catches the first three without decoding; files listed in
 bad_files.txt are skipped by the screen even when they look fine; the warning names every
-file up to 20 and summarises the rest.
+file up to 20 and summarises the rest; the check's progress bars end at their totals.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -107,3 +108,15 @@ def test_command_line(folder, capsys):
     assert "4 bad file(s)" in out and str(bad["text"]) in out
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         check.find_bad_images(root / "missing")
+
+
+def test_check_progress_bars_reach_their_totals(folder, capsys):
+    root, _ = folder
+    check.find_bad_images(root, progress=True)
+    bars = {}  # description -> its last (count, total)
+    for line in capsys.readouterr().err.replace("\r", "\n").splitlines():
+        found = re.match(r"\s*([a-z ]+):.*?(\d+)/(\d+)", line)
+        if found:
+            bars[found[1]] = (int(found[2]), int(found[3]))
+    assert bars["reading headers"] == (7, 7)  # every file under root
+    assert bars["decoding"][0] == bars["decoding"][1] > 0

@@ -5,7 +5,9 @@ class, the same for a seed and different for another, and can be re-run without 
 or losing files, while a different split in the same place is refused; ImageNet's validation
 images land in their ground-truth class folder; the digits, Fashion-MNIST and CIFAR converters
 write the right counts, class names and pixels, skip a finished tree and never leave a half
-one; and each bad input ends the command with exit code 2 and one line saying why.
+one; and each bad input ends the command with exit code 2 and one line saying why, or
+with its traceback given --traceback, before the sub-command or after it; a refused
+destination names --overwrite (or, for the demo's data.root, the command to run).
 Commands run as a user runs them (`python launch/prepare_data.py ...` from the repo root), on
 tiny data made here in the real formats.
 """
@@ -27,10 +29,13 @@ import pytest
 from PIL import Image
 from prepare_cli import cli
 
+from repro.config import DataConfig
 from repro.data import (
     convert,
     prepare,
+    sets,
 )
+from repro.data.folders import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +118,8 @@ def test_split_rerun_completes_and_refuses_another_split(tmp_path):
     assert "1 new entries" in result.stdout and tree(dst) == first
 
     # Another seed in the same place is refused, naming a file, and changes nothing.
-    message = assert_error(cli("split", src, dst, "--seed", "1"), "seed=1", "seed=0", "--overwrite")
+    refused = cli("split", src, dst, "--seed", "1")
+    message = assert_error(refused, "seed=1", "seed=0", "Pass --overwrite to replace it")
     assert str(dst / "train") in message or str(dst / "val") in message
     assert tree(dst) == first
 
@@ -317,7 +323,8 @@ def test_fashion_mnist_counts_names_pixels(tmp_path):
     assert (dst / convert.MARKER).stat().st_mtime_ns == marker
     # A tree whose files no longer match its marker is not taken for complete.
     written.unlink()
-    assert_error(cli("fashion-mnist", tmp_path / "fashion", dst), "no longer match", "--overwrite")
+    refused = cli("fashion-mnist", tmp_path / "fashion", dst)
+    assert_error(refused, "no longer match", "Pass --overwrite to replace it")
     assert cli("fashion-mnist", tmp_path / "fashion", dst, "--overwrite").returncode == 0
     assert np.array_equal(np.asarray(Image.open(written)), images[7])
 
@@ -491,3 +498,26 @@ def test_help_never_shows_a_default_of_none(capsys):
             launch.main([command, "--help"])
         text = capsys.readouterr().out
         assert "example:" in text and "(default: None)" not in text, command
+
+
+def test_traceback_is_taken_before_or_after_the_command(tmp_path):
+    """--traceback re-raises the error (its traceback shown) wherever it is given."""
+    launch, missing = load_launch(), str(tmp_path / "missing")
+    for argv in (["--traceback", "check", missing], ["check", missing, "--traceback"]):
+        with pytest.raises(prepare.PrepareError, match="does not exist"):
+            launch.main(argv)
+    assert launch.main(["check", missing]) == 2  # without it: one line
+
+
+def test_the_demo_into_a_used_folder_names_data_root_and_the_command(tmp_path):
+    """data.source=digits writes the digits only into a new or empty data.root; the refusal
+    says what the user of train can do (prepare_data's --overwrite is no option of train)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataError) as refused:
+        sets.root_of(DataConfig(source="digits", root=str(tmp_path)))
+    assert str(refused.value) == (
+        f"data.source=digits writes scikit-learn's digits into data.root, but {tmp_path} "
+        "already holds other files: set data.root to a new folder, or replace them with "
+        f"`python launch/prepare_data.py digits {tmp_path} --overwrite`"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -2,16 +2,18 @@
 
 Proves: `torchrun --nproc_per_node 2 launch/train.py configs/demo.yaml` trains (finite,
 decreasing loss) and writes metrics.jsonl, a checkpoint and an offline wandb run; one process
-and two ranks log the same losses step by step; a run stopped by SIGTERM mid-epoch and
-resumed from "latest" continues exactly as the uninterrupted run; a two-rank checkpoint
+and two ranks log the same losses step by step; a run stopped by SIGTERM mid-epoch exits
+with 143 and, resumed from "latest", continues exactly as the uninterrupted run; a two-rank checkpoint
 resumes in one process; a killed rank ends the job with a message instead of a hang, and
-torchrun's restart resumes from the last checkpoint; bad input ends with one line.
+torchrun's restart resumes from the last checkpoint; bad input ends with one line; the usage
+asks for the config alone (the overrides are optional).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -108,7 +110,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(digits, tmp_path):
     assert wait_for(lambda: logged_steps(stopped) >= 5, 120), "the run did not start"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM: stopped, not finished
     assert "stop requested" in out
     cut = max(losses(stopped))
     assert 5 <= cut < 16  # stopped mid-epoch (an epoch is 22 steps)
@@ -246,3 +248,12 @@ def test_bad_input_is_one_line_and_exit_2(digits, tmp_path, extra, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train: error:") and message in last, last
     assert "Traceback" not in result.stderr
+
+
+def test_usage_without_arguments_asks_for_the_config_alone(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train"])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_path(TRAIN[0])["main"]()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ended.value.code == 2
+    assert last == "train: error: the following arguments are required: config"

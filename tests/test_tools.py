@@ -14,13 +14,15 @@ it, saved in the format train.py writes. Proves:
   and unreadable files are named on stderr, skipped, and make the exit code 1;
 - every PNG is written at its documented pixel size; the kernel picture is exactly
   repro.run.plots.kernel_grid of conv1 and the colour-specificity score matches its definition;
-- each bad input ends the command with exit code 2 and one line saying why.
+- each bad input ends the command with exit code 2 and one line saying why (predict given
+  only paths that do not exist too); --device cuda without a GPU is refused naming --device.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -43,11 +45,12 @@ from repro.config import (
 from repro.data import pipelines
 from repro.data.loaders import build_eval_loader, build_train_loader
 from repro.data.stats import compute_stats
-from repro.net.dist import single_process_layout
+from repro.net.dist import LayoutError, single_process_layout
 from repro.net.model import AlexNet
 from repro.run.checkpoint import FORMAT_VERSION, save_checkpoint
 from repro.run.plots import KERNEL_SCALE, figure3_block_origin, kernel_grid
-from repro.tools.predict import PLOT_DPI, PLOT_SIZE, patch_picture
+from repro.tools import report
+from repro.tools.predict import PLOT_DPI, PLOT_SIZE, patch_picture, predict
 from repro.tools.report import figure_inches
 from repro.tools.visualize import DPI, activation_figsize, colour_specificity
 
@@ -423,3 +426,30 @@ def test_bad_inputs_exit_2_with_one_line(setup):
         assert result.returncode == 2, (args, result.stderr)
         assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: "), result.stderr
         assert message in lines[0], (message, lines[0])
+
+
+def test_device_cuda_without_a_gpu_names_the_option_given(setup, monkeypatch):
+    """Not training's train.device, which the layout's own refusal names: --device, and its
+    valid values."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = str(setup["root"] / "val" / "moth" / "moth_3.jpg")
+    for call in (
+        lambda: report.run(setup["ckpt"], device="cuda"),
+        lambda: predict(setup["ckpt"], [image], device="cuda"),
+    ):
+        with pytest.raises(LayoutError) as refused:
+            call()
+        assert str(refused.value) == (
+            "--device cuda was given but no CUDA GPU is visible; use --device auto (the GPU "
+            "where there is one, else the CPU) or --device cpu"
+        )
+
+
+def test_predict_of_only_missing_paths_is_one_line_and_exit_2(setup, monkeypatch, capsys):
+    """Nothing named exists, so nothing to predict: a bad input, like an empty folder (one
+    missing among others is skipped with exit 1: test_predict_probabilities_...)."""
+    missing = setup["base"] / "missing.jpg"
+    monkeypatch.setattr(sys, "argv", ["predict", str(setup["ckpt"]), str(missing)])
+    assert runpy.run_path(str(ROOT / "launch" / "predict.py"))["main"]() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"predict: error: no such image file or folder: {missing}"]

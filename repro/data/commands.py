@@ -75,8 +75,13 @@ def _stats(a: argparse.Namespace) -> int:
 
 
 def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the sub-commands (each sets `run`) and --traceback to the entry point's parser."""
-    parser.add_argument("--traceback", action="store_true", help="show the traceback on errors")
+    """Add the sub-commands (each sets `run`) and --traceback to the entry point's parser.
+
+    --traceback is taken before the command or after it: each sub-parser has it too, its
+    default left unset (SUPPRESS), so that it does not overwrite one given before.
+    """
+    traceback = {"action": "store_true", "help": "show the traceback on errors"}
+    parser.add_argument("--traceback", **traceback)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, run, summary: str, example: str) -> argparse.ArgumentParser:
@@ -88,6 +93,7 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.set_defaults(run=run)
+        sub.add_argument("--traceback", **traceback, default=argparse.SUPPRESS)
         return sub
 
     def split_args(sub: argparse.ArgumentParser) -> None:

@@ -115,7 +115,7 @@ def _existing(
         return None
     raise PrepareError(
         f"destination {dst} exists and {problem}; asked for {tool} with {params}. "
-        "Pass overwrite=True (--overwrite) to replace it, or choose another folder"
+        "Pass --overwrite to replace it, or choose another folder"
     )
 
 

@@ -150,11 +150,17 @@ def full_check(path: str) -> str | None:
     return None
 
 
-def map_threads(fn: Callable, items: Sequence, progress: bool, desc: str, threads: int = 16):
-    """fn over items in a thread pool (the checks wait on I/O), in order, with a progress bar."""
+def map_threads(
+    fn: Callable, items: Sequence, progress: bool, desc: str, threads: int = 16
+) -> list:
+    """fn over items in a thread pool (the checks wait on I/O), in order, with a progress bar.
+
+    A list, not a generator: zipped with the items, a generator was never asked past its
+    last result, so its bar stopped one short of the total and stayed open.
+    """
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(fn, items, chunksize=64)
-        yield from tqdm(results, total=len(items), desc=desc, disable=not progress, unit="file")
+        return list(tqdm(results, total=len(items), desc=desc, disable=not progress, unit="file"))
 
 
 def list_image_files(root: str | Path) -> list[str]:

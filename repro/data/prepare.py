@@ -232,7 +232,7 @@ def split_folders(
         raise PrepareError(
             f"{dst} holds a different split: {path} {reason}{more}{was if before else ''}; "
             f"asked for seed={seed}, val_fraction={val_fraction}. "
-            "Pass overwrite=True (--overwrite) to replace it, or choose another destination"
+            "Pass --overwrite to replace it, or choose another destination"
         )
     for path, _ in conflicts:
         if path.is_dir() and not path.is_symlink():

@@ -51,12 +51,17 @@ def root_of(cfg: DataConfig, layout: Layout | None = None) -> Path:
 
 def _write_digits(cfg: DataConfig, root: Path) -> None:
     if not (root / "train").is_dir():
-        try:  # lazy: needs scikit-learn
-            from repro.data.convert import write_digits
-        except ImportError:
-            from repro.data.prepare import write_digits
+        from repro.data.convert import write_digits  # here: only this source writes
+        from repro.data.prepare import PrepareError
 
-        write_digits(root, val_fraction=cfg.val_fraction, seed=0)
+        try:
+            write_digits(root, val_fraction=cfg.val_fraction, seed=0)
+        except PrepareError:  # it says "pass --overwrite", an option of prepare_data only
+            raise DataError(
+                f"data.source=digits writes scikit-learn's digits into data.root, but {root} "
+                "already holds other files: set data.root to a new folder, or replace them "
+                f"with `python launch/prepare_data.py digits {root} --overwrite`"
+            ) from None
     if not cfg.stats and not (root / "stats.npz").is_file():
         # The demo set's own mean and PCA (§3: from the training set's pixels); 1.4k tiny
         # images take about a second, so the demo needs no separate preparation step.

@@ -4,8 +4,8 @@ dies, memory runs out, a rank stops answering, the disk fills or turns read-only
 `guarded` wraps the whole run: it claims the run folder (repro/run/rundir.py), watches the
 launcher, and turns each fault into a TrainingError of one line saying what happened, what is
 intact and what to do, which the command prints with exit code 1. A launcher that dies
-becomes a stop request (the run saves and ends, as on SIGTERM). Anything else keeps its
-traceback: it is a bug, not a fault of the machine.
+becomes a stop request (the run saves and ends, as on SIGTERM, with `Stopped`: exit code
+143). Anything else keeps its traceback: it is a bug, not a fault of the machine.
 """
 
 from __future__ import annotations
@@ -38,6 +38,20 @@ T = TypeVar("T")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a fault of the machine); one line says why."""
+
+
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM/SIGINT, or its launcher died) and saved its state.
+
+    Not finished, so the command exits with 128 + the signal's number (130 for SIGINT, 143
+    for SIGTERM), as a shell reports a process that signal ended: a script tells it from a
+    finished run (0), and torchrun counts the worker as failed, not done.
+    """
+
+    def __init__(self, signum: int | None):
+        signum = signum or signal.SIGTERM  # None: another rank was asked, as launchers ask
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
 
 
 def guarded(cfg: Config, layout: Layout, run: Callable[[], T]) -> T:

@@ -6,7 +6,6 @@ no display and leaves no global state behind in the training process.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -22,22 +21,13 @@ from repro.run.tracking import (  # noqa: F401 (save_png re-exported)
     TEN_TOP5,
     TOP1,
     TOP5,
+    read_rows,
     save_png,
 )
 
 DPI = 100
 KERNEL_SCALE = 5
 """Figure 3: screen pixels per kernel pixel (an 11x11 kernel is drawn 55x55)."""
-
-
-def _read_rows(metrics_jsonl: Path) -> list[dict]:
-    rows = []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short when the run was killed
-            continue
-    return rows
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -55,7 +45,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str | Non
     """curves_figure of a metrics.jsonl as a PNG; `title`: the run's name (default: the
     metrics file's folder name)."""
     metrics_jsonl = Path(metrics_jsonl)
-    rows = _read_rows(metrics_jsonl)
+    rows = read_rows(metrics_jsonl)
     fig = curves_figure(rows, title or metrics_jsonl.resolve().parent.name)
     if not rows:
         fig.axes[0].set_title(f"no rows in {metrics_jsonl}")

@@ -37,6 +37,8 @@ from repro.config import Config, WandbConfig, config_to_dict
 # The names the training loop logs (repro/run/train.py, its log windows repro/run/window.py)
 # and plots.py reads.
 EPOCH = "epoch"
+"""Counted from 1: a training row's is the epoch its step belongs to (the progress bar's
+"epoch 1/30"), an evaluation's the epoch it closed, so both rows of an epoch's last step agree."""
 LOSS = "loss"
 LR = "lr"
 IMAGES_PER_S = "images_per_s"
@@ -57,6 +59,17 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def read_rows(metrics_jsonl: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (MetricsFile), in order."""
+    rows = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short when the run was killed
+            continue
+    return rows
 
 
 class TrackerWarning(UserWarning):

@@ -38,7 +38,7 @@ from repro.run.evaluate import evaluate
 from repro.run.optim import build_optimizer, build_schedule, freeze, step_schedule
 from repro.run.plots import figure3_image, plot_curves
 from repro.run.state import Position, Run, resume, save
-from repro.run.tracking import make_tracker, run_name
+from repro.run.tracking import TEN_TOP1, make_tracker, read_rows, run_name
 from repro.run.window import StopRequest, launch_window, log_window, progress_bar
 
 KEEP_EPOCH_CHECKPOINTS = 3
@@ -59,7 +59,8 @@ def switches(cfg: Config, layout: Layout) -> tuple[bool, bool, bool]:
 
 
 def main(cfg: Config) -> dict:
-    """Train as configured; returns the final metrics. Process groups are always torn down."""
+    """Train as configured; returns the final metrics, or raises faults.Stopped when asked
+    to stop. Process groups are always torn down."""
     kernels.deterministic_env(cfg.train.deterministic)  # before anything starts CUDA
     world = int(os.environ.get("WORLD_SIZE", "1"))  # a batch the scheme cannot split: no group yet
     validate_for_layout(cfg, grid_shape(world, cfg.model.towers, cfg.train.parallel)[0])
@@ -88,10 +89,18 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
     arrives: during training steps (train_epoch checks it), during validation and the
     10-patch evaluation (checked between batches), and during a checkpoint write (which
     completes; the run stops after it). Every exit leaves a checkpoint from which
-    `train.resume=latest` goes on to the result the uninterrupted run would have reached.
+    `train.resume=latest` goes on to the result the uninterrupted run would have reached;
+    a stopped run then raises faults.Stopped, so that it does not end as a finished one.
     """
     run = start(cfg, layout)
     resumed = resume(run)
+    if resumed and complete(run):  # nothing to train or evaluate: no row is added
+        limit = "train.max_steps" if reached(cfg, run.pos) else "train.epochs"
+        run.say(
+            f"repro: the run in {run.run_dir} is already complete at step {run.pos.step}, "
+            f"epoch {run.pos.epoch} ({limit} reached); raise {limit} to train on"
+        )
+        return run.last
     if layout.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
     # Rank 0 may wait up to wandb.start_timeout_s for wandb; the others wait for it here.
@@ -105,16 +114,16 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
         while run.pos.epoch < cfg.train.epochs and not reached(cfg, run.pos):
             if run.pos.step_in_epoch < steps:  # not when resumed between steps and validation
                 if train_epoch(run, stop):
-                    return stopped(run, "", save_last=True)
+                    raise stopped(run, stop, "", save_last=True)
                 if run.pos.step_in_epoch < steps:  # max_steps mid-epoch
                     save(run, ckpt.last_path(run.run_dir))
                     break
             if not end_of_epoch(run, stop):  # stopped in validation: resume repeats it
-                return stopped(run, " during validation", save_last=True)
+                raise stopped(run, stop, " during validation", save_last=True)
             if agree.any_rank(stop.requested, layout):  # came during the checkpoint write
-                return stopped(run, "", save_last=False)
+                raise stopped(run, stop, "", save_last=False)
         if cfg.train.final_ten_patch and not ten_patch_evaluation(run, stop):
-            return stopped(run, " during the 10-patch evaluation", save_last=False)
+            raise stopped(run, stop, " during the 10-patch evaluation", save_last=False)
         if layout.is_main and (run.run_dir / "metrics.jsonl").exists():
             draw_curves(run)
         return run.last
@@ -122,8 +131,9 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
         run.tracker.finish()
 
 
-def stopped(run: Run, when: str, save_last: bool) -> dict:
-    """End on a stop request: write last.pt if the latest checkpoint is behind, say which."""
+def stopped(run: Run, stop: StopRequest, when: str, save_last: bool) -> faults.Stopped:
+    """End on a stop request: write last.pt if the latest checkpoint is behind, say which;
+    returns the exception to raise (the command exits 128 + the signal's number)."""
     if save_last:
         save(run, ckpt.last_path(run.run_dir))
     if run.layout.is_main:
@@ -132,7 +142,7 @@ def stopped(run: Run, when: str, save_last: bool) -> dict:
             f"repro: stop requested{when}; checkpoint {latest} at step {run.pos.step}; "
             "continue with train.resume=latest"
         )
-    return run.last
+    return faults.Stopped(stop.signum)
 
 
 def start(cfg: Config, layout: Layout) -> Run:
@@ -291,7 +301,8 @@ def ten_patch_evaluation(run: Run, stop: StopRequest) -> bool:
     False if a stop request came during it (nothing is logged; a resumed run repeats it).
     """
     cfg, layout = run.cfg, run.layout
-    ten = build_eval_loader(cfg.data, layout, run.per_replica, "ten", run.channels_last)
+    n = cfg.model.num_classes  # the synthetic source draws labels in 0..n-1
+    ten = build_eval_loader(cfg.data, layout, run.per_replica, "ten", run.channels_last, n)
     with progress_bar(layout, ten.num_images, "10-patch") as bar:
         result = evaluate(
             run.model, ten, layout, cfg.model.num_classes, "ten", run.autocast, bar,
@@ -323,6 +334,23 @@ def draw_curves(run: Run) -> None:
 
 def reached(cfg: Config, pos: Position) -> bool:
     return bool(cfg.train.max_steps) and pos.step >= cfg.train.max_steps
+
+
+def complete(run: Run) -> bool:
+    """Is there nothing left to do: the epochs (or max_steps) done and, if asked for, the
+    10-patch evaluation logged at this step? (Rank 0 reads metrics.jsonl and tells the rest.)"""
+    cfg, pos = run.cfg, run.pos
+    if pos.epoch < cfg.train.epochs and not reached(cfg, pos):
+        return False
+    if not cfg.train.final_ten_patch:
+        return True
+
+    def ten_patch_logged() -> bool:
+        metrics = run.run_dir / "metrics.jsonl"
+        rows = read_rows(metrics) if metrics.exists() else []
+        return any(TEN_TOP1 in row and row.get("step") == pos.step for row in rows)
+
+    return agree.any_rank(bool(agree.on_main(ten_patch_logged, run.layout)), run.layout)
 
 
 def figure3(run: Run, step: int) -> None:

@@ -28,11 +28,13 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
+        """The signal that asked, None if none came to this rank (another rank's stopped it)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def agreed(self, layout: Layout) -> bool:
         """True on every rank if any rank was asked to stop (a blocking collective when
@@ -58,6 +60,7 @@ class Window:
     work: object
     """The async all_reduce's handle (None in one process)."""
     epoch: int
+    """Counted from 1, as the progress bar counts: the epoch this window's steps belong to."""
     last_step: int
     seconds: float
     images: int
@@ -76,7 +79,7 @@ def launch_window(window: list[torch.Tensor], stop: StopRequest, run: Run, t0: f
     return Window(
         values=values,
         work=work,
-        epoch=run.pos.epoch,
+        epoch=run.pos.epoch + 1,
         last_step=run.pos.step,
         seconds=time.perf_counter() - t0,
         images=len(window) * run.per_replica * layout.replicas,
@@ -94,7 +97,7 @@ def log_window(window: Window, run: Run, bar=None) -> bool:
     if len(bad):
         step = window.last_step - len(losses) + int(bad[0]) + 1
         raise TrainingError(
-            f"loss became {losses[bad[0]].item()} at step {step} (epoch {window.epoch + 1}); "
+            f"loss became {losses[bad[0]].item()} at step {step} (epoch {window.epoch}); "
             "the last good checkpoint is kept; lower optim.lr or check the data"
         )
     row = {

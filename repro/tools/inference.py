@@ -36,7 +36,7 @@ from repro.data import imagecheck
 from repro.data.folders import DataError, DecodeError, ImageSet
 from repro.data.loaders import EvalLoader
 from repro.data.stats import STATS_NAME
-from repro.net.dist import Layout, single_process_layout
+from repro.net.dist import Layout, LayoutError, single_process_layout
 from repro.net.model import AlexNet
 from repro.run.checkpoint import CheckpointError, load_checkpoint
 
@@ -46,6 +46,16 @@ VIEWS = {"center": 1, "ten": 10}
 
 class OutputError(ValueError):
     """An output path a command cannot write (not a folder, no permission, a read-only disk)."""
+
+
+def check_device(device: str) -> None:
+    """The tools' --device: 'cuda' where no GPU is visible is refused naming that option (the
+    layout's own refusal names train.device, the option of training)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayoutError(
+            "--device cuda was given but no CUDA GPU is visible; use --device auto (the GPU "
+            "where there is one, else the CPU) or --device cpu"
+        )
 
 
 def read_trained(path: str | Path) -> tuple[dict, Config, list[str]]:
@@ -172,7 +182,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[str]:
     """Files named directly (any name, in the given order), then each named folder's
     .jpg/.jpeg/.png files (recursively, sorted).
 
-    A name that is neither a file nor a folder is kept: `prepare_images` reports it as missing.
+    A name that is neither a file nor a folder is kept: `prepare_images` reports it as missing,
+    and the others are still predicted. If none exists, there is nothing to predict: an error.
     """
     found: list[str] = []
     for item in map(str, inputs):
@@ -185,6 +196,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[str]:
             found += inside
         else:
             found.append(item)
+    if not any(os.path.exists(path) for path in found):
+        raise DataError(f"no such image file or folder: {', '.join(found)}")
     return found
 
 

@@ -27,7 +27,14 @@ from tqdm import tqdm
 
 from repro.run.checkpoint import recorded_position
 from repro.run.evaluate import class_probabilities
-from repro.tools.inference import VIEWS, image_files, load_trained, prepare_images, writable_dir
+from repro.tools.inference import (
+    VIEWS,
+    check_device,
+    image_files,
+    load_trained,
+    prepare_images,
+    writable_dir,
+)
 
 PLOT_SIZE = (9.0, 3.2)
 """Inches of each --plot figure; at PLOT_DPI that is 900 x 320 pixels."""
@@ -59,6 +66,7 @@ def predict(
     """Print the top-k of every readable image (a table, or JSON); returns the unreadable count."""
     if top_k < 1:
         raise ValueError("--top-k must be >= 1")
+    check_device(device)
     plot_dir = writable_dir(plot_dir) if plot_dir is not None else None
     paths = image_files(inputs)
     model, cfg, class_names = load_trained(checkpoint, device=device)

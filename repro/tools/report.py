@@ -36,6 +36,7 @@ from repro.tools.inference import (
     VIEWS,
     build_trained,
     check_classes,
+    check_device,
     eval_data_config,
     read_trained,
     writable_dir,
@@ -67,6 +68,7 @@ def run(
     train.batch_size for the centre patch and a tenth of it for 10 patches (the same number
     of views per pass).
     """
+    check_device(device)
     state, cfg, class_names = read_trained(checkpoint)
     data = eval_data_config(cfg.data, data_root)
     root = Path(data.root)

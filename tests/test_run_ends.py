@@ -1,0 +1,102 @@
+"""How a one-process run ends, trained in this process on a tiny synthetic run (2 steps an epoch).
+
+Proves: the rows logged at one step (training, validation, 10-patch) name the same epoch,
+counted from 1; a finished run resumed says so in one line, exits 0 and adds no row; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit
+code 130, not 0 as a finished run does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro import cli
+from repro.config import Config, DataConfig, ModelConfig, TrainConfig, WandbConfig
+from repro.net.dist import single_process_layout
+from repro.run import train
+from repro.run.checkpoint import load_checkpoint
+from repro.run.tracking import MetricsFile
+
+TINY = ModelConfig(widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67, num_classes=4)
+
+
+def tiny(run_dir: Path, **options) -> Config:
+    """Two steps of 2 synthetic images an epoch, on the CPU, each step logged."""
+    steps = TrainConfig(
+        batch_size=2, epochs=1, log_every=1, run_dir=str(run_dir), device="cpu",
+        precision="fp32", compile="off", deterministic=False,
+    )  # fmt: skip
+    return Config(
+        model=TINY,
+        data=DataConfig(source="synthetic", crop=67, synthetic_images=4),
+        train=replace(steps, **options),
+        wandb=WandbConfig(mode="disabled"),
+    )
+
+
+def command(cfg: Config) -> int:
+    """What launch/train.py does with cfg, in this process: its exit code. The SIGINT and
+    SIGTERM handlers the run installs are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run() -> int:  # as launch/train.py's
+        train.train(cfg, single_process_layout(TINY.towers, torch.device("cpu")))
+        return 0
+
+    try:
+        return cli.run("train", run)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A run folder of 2 epochs (4 steps), each validated, and the final 10-patch evaluation."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert command(tiny(run_dir, epochs=2, final_ten_patch=True)) == 0
+    return run_dir
+
+
+def test_the_rows_of_one_step_name_one_epoch_counted_from_1(finished):
+    """The training row at an epoch's last step and that epoch's evaluation say the same epoch."""
+    epochs = {}
+    for row in rows(finished):
+        epochs.setdefault(row["step"], set()).add(row["epoch"])
+    assert epochs == {1: {1}, 2: {1}, 3: {2}, 4: {2}}
+
+
+def test_resuming_a_finished_run_says_so_and_adds_no_row(finished, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert command(tiny(run_dir, epochs=2, final_ten_patch=True, resume="latest")) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == before  # no second 10-patch row
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"repro: the run in {run_dir} is already complete at step 4, epoch 2 "
+        "(train.epochs reached); raise train.epochs to train on"
+    )
+
+
+def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(monkeypatch, tmp_path, capsys):
+    class CtrlC(MetricsFile):
+        def log(self, metrics, step):  # the user presses Ctrl-C as the first row is written
+            super().log(metrics, step)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "make_tracker", lambda cfg, run_dir, *a, **k: CtrlC(run_dir))
+    assert command(tiny(tmp_path, epochs=3)) == 130
+    said = capsys.readouterr().out
+    assert f"repro: stop requested; checkpoint {tmp_path}/checkpoints/last.pt" in said
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2

@@ -1,8 +1,10 @@
 """How a one-process run ends, trained in this process on a tiny synthetic run (2 steps an epoch).
 
 Proves: the rows logged at one step (training, validation, 10-patch) name the same epoch,
-counted from 1; a finished run resumed says so in one line, exits 0 and adds no row; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit
-code 130, not 0 as a finished run does.
+counted from 1; a finished run resumed says so in one line, exits 0 and adds no row; a run asked
+to stop by Ctrl-C saves last.pt and ends the command with exit code 130, not 0 as a finished
+run does; a run stopped during the validation of its last step (train.max_steps) repeats that
+validation on resume.
 """
 
 from __future__ import annotations
@@ -100,3 +102,25 @@ def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(monkeypatch, tmp_path, caps
     said = capsys.readouterr().out
     assert f"repro: stop requested; checkpoint {tmp_path}/checkpoints/last.pt" in said
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_a_stop_during_the_last_validation_is_repeated_on_resume(monkeypatch, tmp_path):
+    """max_steps at an epoch's end, Ctrl-C during that epoch's validation: the resumed run
+    validates (it used to find max_steps reached and end without the validation row)."""
+    real_bar = train.progress_bar
+
+    def progress_bar(layout, total, desc, initial=0):
+        bar = real_bar(layout, total, desc, initial)
+        if desc == "validate":  # Ctrl-C after the first validation batch
+            update = bar.update
+            bar.update = lambda n=1: (update(n), os.kill(os.getpid(), signal.SIGINT))
+        return bar
+
+    monkeypatch.setattr(train, "progress_bar", progress_bar)
+    assert command(tiny(tmp_path, epochs=3, max_steps=2)) == 130
+    assert not [r for r in rows(tmp_path) if "top1_error" in r]
+    monkeypatch.setattr(train, "progress_bar", real_bar)
+    assert command(tiny(tmp_path, epochs=3, max_steps=2, resume="latest")) == 0
+    validated = [r for r in rows(tmp_path) if "top1_error" in r]
+    assert [(r["step"], r["epoch"]) for r in validated] == [(2, 1)]
+    assert max(r["step"] for r in rows(tmp_path)) == 2  # no step trained past max_steps

@@ -111,7 +111,9 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
     stop = StopRequest()
     try:
         steps = run.train_data.steps_per_epoch
-        while run.pos.epoch < cfg.train.epochs and not reached(cfg, run.pos):
+        while run.pos.epoch < cfg.train.epochs and (
+            not reached(cfg, run.pos) or validation_due(run)
+        ):
             if run.pos.step_in_epoch < steps:  # not when resumed between steps and validation
                 if train_epoch(run, stop):
                     raise stopped(run, stop, "", save_last=True)
@@ -336,11 +338,17 @@ def reached(cfg: Config, pos: Position) -> bool:
     return bool(cfg.train.max_steps) and pos.step >= cfg.train.max_steps
 
 
+def validation_due(run: Run) -> bool:
+    """The epoch's steps are done and its validation is not (a run stopped during it, which
+    resume repeats even when the steps reached train.max_steps)."""
+    return run.pos.step_in_epoch >= run.train_data.steps_per_epoch
+
+
 def complete(run: Run) -> bool:
     """Is there nothing left to do: the epochs (or max_steps) done and, if asked for, the
     10-patch evaluation logged at this step? (Rank 0 reads metrics.jsonl and tells the rest.)"""
     cfg, pos = run.cfg, run.pos
-    if pos.epoch < cfg.train.epochs and not reached(cfg, pos):
+    if pos.epoch < cfg.train.epochs and (not reached(cfg, pos) or validation_due(run)):
         return False
     if not cfg.train.final_ten_patch:
         return True

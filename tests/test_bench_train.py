@@ -198,6 +198,9 @@ def test_bench_train_one_process_two_ranks_and_torchvision(tmp_path, capsys):
     scale = counted["torchvision"] / counted["repro"]
     assert versus["per_flop"] == pytest.approx(per_image * scale)
     assert versus["verdict"] == "inconclusive"
+    # --tiny judges nothing (torchvision's net stays full size), and says so.
+    assert any(note.startswith("--tiny:") for note in result["notes"])
+    assert "channels_last off, compile off: 1 process / torchvision" in printed
 
 
 def test_bench_infer_replicas_and_projection(tmp_path):

@@ -123,24 +123,27 @@ def comparisons(rows: list[dict], counted: dict | None, quiet: bool = True) -> l
 def print_targets(result: dict) -> None:
     """One line per target: the figure, its interval, the target and the verdict."""
     for c in result["checks"]:
-        switches = f"channels_last {'on' if c['channels_last'] else 'off'}, compile " + (
-            "on" if c["compile"] else "off"
-        )
         low, high = c["interval"]
         target = "no target" if c["target"] is None else f"target <= {c['target']:g}"
         print(
-            f"batch {c['batch']} {c['precision']}, {switches}: {c['what']} = {c['value']:.3f} "
+            f"batch {c['batch']} {c['precision']}, {_switches(c)}: {c['what']} = {c['value']:.3f} "
             f"[{low:.3f}-{high:.3f}] ({target}: {c['verdict']})"
         )
     for c in result["comparisons"]:
         low, high = c["per_flop_interval"]
         f = c["flops_per_image"]
         print(
-            f"batch {c['batch']} {c['precision']}: 1 process / torchvision alexnet() step time "
+            f"batch {c['batch']} {c['precision']}, {_switches(c)}: 1 process / torchvision "
+            "alexnet() step time "
             f"= {c['step_ratio']:.3f}x per image; per FLOP {c['per_flop']:.3f}x [{low:.3f}-{high:.3f}] "
             f"(FLOPs/image {f['repro'] / 1e9:.2f} vs {f['torchvision'] / 1e9:.2f} G; target <= 1.1: "
             f"{c['verdict']})"
         )
+
+
+def _switches(c: dict) -> str:
+    on = {True: "on", False: "off"}
+    return f"channels_last {on[bool(c['channels_last'])]}, compile {on[bool(c['compile'])]}"
 
 
 def print_rows(result: dict) -> None:

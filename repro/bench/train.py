@@ -271,6 +271,9 @@ def run(args: argparse.Namespace) -> dict:
     quiet = load <= cores
     if not quiet:
         notes.append(f"load average {load:.1f} on {cores} cores: every verdict is inconclusive")
+    if args.tiny:  # torchvision's net stays full size: no ratio or target means anything
+        notes.append("--tiny: a tiny net that runs the code paths; every verdict is inconclusive")
+        quiet = False
     rows = []
     for (e, _), r in sorted(pooled.items()):
         world, per_rank, what = entries[e]

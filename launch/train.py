@@ -10,7 +10,9 @@ node 0's address (c10d rendezvous: torchrun numbers the nodes itself):
 torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB launch/train.py configs/paper.yaml train.batch_size=1024
 
 Exit codes: 0 finished; 1 a fault (non-finite loss, out of memory, a lost rank, a full disk);
-2 a bad input; 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) stopped on request, its checkpoint saved.
+2 a bad input; 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) stopped on request (its checkpoint saved
+once training began). Under torchrun a stopped worker exits 0, so that torchrun does not
+restart it; torchrun itself exits 1 when it was the one signalled.
 """
 
 from __future__ import annotations

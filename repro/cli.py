@@ -18,9 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-REPRO = Path(__file__).resolve().parent
-"""The package: a warning raised from its files is one of ours."""
-
 
 def parser(prog: str, description: str, usage_doc: str | None) -> argparse.ArgumentParser:
     """An argument parser whose --help ends with the entry point's docstring (its examples)."""
@@ -66,13 +63,14 @@ def run(
     folded onto one line); `trace`: re-raise them instead, for --traceback. Our warnings are
     one line too (`warnings_as_lines`).
     """
-    try:
-        # In the try: this import loads torch (a second or more), as long as a Ctrl-C may land.
+    try:  # this import loads torch (a second or more): a Ctrl-C may land in it
         from repro.run.faults import Stopped, TrainingError
-
+    except KeyboardInterrupt:
+        return interrupted(prog)
+    try:
         with warnings_as_lines(prog):
             return int(fn() or 0)
-    except KeyboardInterrupt:  # first: the names below may not be imported yet
+    except KeyboardInterrupt:
         return interrupted(prog)
     except user_errors() as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -91,18 +89,21 @@ def run(
 
 @contextmanager
 def warnings_as_lines(prog: str) -> Iterator[None]:
-    """While a command runs, each of repro's warnings is printed once, as `PROG: warning: ...`.
+    """While a command runs, each of repro's warnings (ReproWarning) is printed once, as
+    `PROG: warning: ...`.
 
     Python's own format adds the source line of the `warnings.warn` call, and prints a warning
     again after any `catch_warnings` (which clears its memory of those shown): the run's
     loaders each load the statistics, with such blocks in between. Other packages' warnings
-    print as Python prints them, naming their file.
+    print as Python prints them, naming their file, even when reported from repro's lines.
     """
+    from repro.config import ReproWarning
+
     with warnings.catch_warnings():  # puts showwarning back afterwards
         show, shown = warnings.showwarning, set()
 
         def one_line(message, category, filename, lineno, file=None, line=None) -> None:
-            if not Path(filename).resolve().is_relative_to(REPRO):
+            if not issubclass(category, ReproWarning):
                 show(message, category, filename, lineno, file, line)
             elif str(message) not in shown:
                 shown.add(str(message))

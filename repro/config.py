@@ -198,6 +198,11 @@ class ConfigError(ValueError):
     """A config file, override or value that cannot run; the message says where and what is valid."""
 
 
+class ReproWarning(UserWarning):
+    """The category of every warning repro itself gives: the commands print these as one line
+    (repro/cli.py), and only these, whichever file a warning is reported from."""
+
+
 CHOICES: dict[str, tuple[object, ...]] = {
     "model.towers": (1, 2),
     "model.exchange": ("paper", "fc8_only"),

@@ -86,8 +86,8 @@ def test_resuming_a_finished_run_says_so_and_adds_no_row(finished, tmp_path, cap
     assert command(tiny(run_dir, epochs=2, final_ten_patch=True, resume="latest")) == 0
     assert (run_dir / "metrics.jsonl").read_text() == before  # no second 10-patch row
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"repro: the run in {run_dir} is already complete at step 4, epoch 2 "
-        "(train.epochs reached); raise train.epochs to train on"
+        f"repro: the run in {run_dir} is already complete at step 4 "
+        "(2 full epoch(s), train.epochs reached); raise train.epochs to train on"
     )
 
 
@@ -124,3 +124,15 @@ def test_a_stop_during_the_last_validation_is_repeated_on_resume(monkeypatch, tm
     validated = [r for r in rows(tmp_path) if "top1_error" in r]
     assert [(r["step"], r["epoch"]) for r in validated] == [(2, 1)]
     assert max(r["step"] for r in rows(tmp_path)) == 2  # no step trained past max_steps
+
+
+def test_a_stopped_torchrun_worker_exits_0_so_torchrun_does_not_restart_it(monkeypatch):
+    """torchrun counts a worker's non-zero exit as a failure and, with --max-restarts, starts
+    the job again: a worker asked to stop ends with 0 there, and with 128 + the signal alone."""
+    from repro.run.faults import Stopped
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert (Stopped(signal.SIGINT).exit_code, Stopped(signal.SIGTERM).exit_code) == (130, 143)
+    assert Stopped(None).exit_code == 143  # another rank was asked: as a launcher asks
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun sets it in every worker
+    assert Stopped(signal.SIGTERM).exit_code == Stopped(signal.SIGINT).exit_code == 0

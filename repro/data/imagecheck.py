@@ -34,6 +34,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from repro.config import ReproWarning
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGE_EXTENSIONS += (".jp2", ".j2k", ".pnm", ".ppm", ".pgm", ".pbm")
 """File name endings (any case) read as images: the formats DALI decodes; others are skipped."""
@@ -227,7 +229,8 @@ def warn_skipped(skipped: Sequence[tuple[str, str]], where: str, others: Counter
     if len(skipped) > _WARN_LIST:
         shown.append(f"  ... and {len(skipped) - _WARN_LIST} more")
     hint = "(`python launch/prepare_data.py check ROOT` decodes every file and lists the bad ones)"
-    warnings.warn("\n".join([head, *shown, hint] if skipped else [head]), stacklevel=3)
+    lines = [head, *shown, hint] if skipped else [head]
+    warnings.warn("\n".join(lines), ReproWarning, stacklevel=3)
 
 
 def screen(

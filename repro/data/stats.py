@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from repro.config import DataConfig
+from repro.config import DataConfig, ReproWarning
 from repro.data import imagecheck
 from repro.data.folders import DataError
 from repro.data.index import load_index
@@ -161,6 +161,7 @@ def load_stats(cfg: DataConfig) -> dict:
             f"no statistics file {Path(cfg.root) / STATS_NAME}: using ImageNet's PCA and "
             "channel mean (a flat mean image); compute this data set's with "
             f"`python launch/prepare_data.py stats {cfg.root or 'ROOT'} --resize {cfg.resize}`",
+            ReproWarning,
             stacklevel=2,
         )
         return {**imagenet_stats(cfg.resize), "path": None}

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from repro.config import ReproWarning
 from repro.net.dist import Layout
 
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, corrupt or not ours."""
 
 
-class CheckpointWarning(UserWarning):
+class CheckpointWarning(ReproWarning):
     """A checkpoint was passed over (unreadable), and the run goes on without it."""
 
 

@@ -43,15 +43,18 @@ class TrainingError(RuntimeError):
 class Stopped(Exception):
     """The run was asked to stop (SIGTERM/SIGINT, or its launcher died) and saved its state.
 
-    Not finished, so the command exits with 128 + the signal's number (130 for SIGINT, 143
-    for SIGTERM), as a shell reports a process that signal ended: a script tells it from a
-    finished run (0), and torchrun counts the worker as failed, not done.
+    Not finished, so a command run directly exits with 128 + the signal's number (130 for
+    SIGINT, 143 for SIGTERM), as a shell reports a process that signal ended: a script tells
+    it from a finished run (0). A torchrun worker exits 0 all the same: torchrun's agent counts
+    any other code as a failed worker and, with --max-restarts, would start the job again,
+    resuming and training on, though it was asked to stop. torchrun itself exits 1 when it
+    was the one signalled (Ctrl-C, a scheduler's preemption).
     """
 
     def __init__(self, signum: int | None):
         signum = signum or signal.SIGTERM  # None: another rank was asked, as launchers ask
         super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
+        self.exit_code = 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + signum
 
 
 def guarded(cfg: Config, layout: Layout, run: Callable[[], T]) -> T:

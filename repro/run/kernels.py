@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from repro.config import CHOICES
+from repro.config import CHOICES, ReproWarning
 from repro.net.dist import Layout
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -44,6 +44,10 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 class CompileError(RuntimeError):
     """torch.compile failed where the run cannot fall back to eager (across ranks)."""
+
+
+class CompileWarning(ReproWarning, RuntimeWarning):
+    """torch.compile failed and the run goes on eagerly."""
 
 
 def deterministic_env(on: bool) -> None:
@@ -136,7 +140,7 @@ def compile_model(
         warnings.warn(
             f"torch.compile failed ({reason}); training runs eagerly "
             "(train.compile=off skips the attempt)",
-            RuntimeWarning,
+            CompileWarning,
             stacklevel=2,
         )
         return model, reason

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repro.config import Config, WandbConfig, config_to_dict
+from repro.config import Config, ReproWarning, WandbConfig, config_to_dict
 
 # The names the training loop logs (repro/run/train.py, its log windows repro/run/window.py)
 # and plots.py reads.
@@ -72,7 +72,7 @@ def read_rows(metrics_jsonl: str | Path) -> list[dict]:
     return rows
 
 
-class TrackerWarning(UserWarning):
+class TrackerWarning(ReproWarning):
     """A tracker stopped working; the run goes on without it."""
 
 

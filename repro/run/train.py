@@ -97,8 +97,8 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
     if resumed and complete(run):  # nothing to train or evaluate: no row is added
         limit = "train.max_steps" if reached(cfg, run.pos) else "train.epochs"
         run.say(
-            f"repro: the run in {run.run_dir} is already complete at step {run.pos.step}, "
-            f"epoch {run.pos.epoch} ({limit} reached); raise {limit} to train on"
+            f"repro: the run in {run.run_dir} is already complete at step {run.pos.step} "
+            f"({run.pos.epoch} full epoch(s), {limit} reached); raise {limit} to train on"
         )
         return run.last
     if layout.is_main:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repro.config import Config, ConfigError, DataConfig, config_from_dict
+from repro.config import Config, ConfigError, DataConfig, ReproWarning, config_from_dict
 from repro.data import imagecheck
 from repro.data.folders import DataError, DecodeError, ImageSet
 from repro.data.loaders import EvalLoader
@@ -157,6 +157,7 @@ def eval_data_config(data: DataConfig, root: str | Path | None = None) -> DataCo
             warnings.warn(
                 f"the run's statistics file {stats} is not here; normalising with "
                 f"{Path(root) / STATS_NAME} if it exists, else ImageNet's mean",
+                ReproWarning,
                 stacklevel=2,
             )
         stats = ""

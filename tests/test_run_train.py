@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -92,20 +93,18 @@ def test_torchrun_two_ranks_trains_and_writes_the_run_folder(digits, tmp_path):
     assert offline and offline[0].stat().st_size > 0
 
 
-def test_one_process_and_two_ranks_log_the_same_losses(digits, tmp_path):
+def test_one_process_and_two_ranks_log_the_same_losses(one_process_losses, digits, tmp_path):
     """Deterministic data, augmentation included, and dropout: the same 20 steps."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(python(*TRAIN, *args(one, digits, "train.max_steps=20")))
+    two = tmp_path / "two"
     ok(torchrun(*TRAIN, *args(two, digits, "train.max_steps=20")))
-    a, b = losses(one), losses(two)
+    a, b = one_process_losses, losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
 
 
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(digits, tmp_path):
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    ok(python(*TRAIN, *args(straight, digits, "train.max_steps=16")))
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(one_process_losses, digits, tmp_path):
+    stopped = tmp_path / "stopped"
     proc = start(*TRAIN, *args(stopped, digits, "train.max_steps=16"))
     assert wait_for(lambda: logged_steps(stopped) >= 5, 120), "the run did not start"
     proc.send_signal(signal.SIGTERM)
@@ -115,18 +114,17 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(digits, tmp_path):
     cut = max(losses(stopped))
     assert 5 <= cut < 16  # stopped mid-epoch (an epoch is 22 steps)
     ok(python(*TRAIN, *args(stopped, digits, "train.max_steps=16", "train.resume=latest")))
-    a, b = losses(straight), losses(stopped)
+    a, b = one_process_losses, losses(stopped)
     assert sorted(b) == list(range(1, 17))
     for step in range(cut + 1, 17):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
-def test_two_rank_checkpoint_resumes_in_one_process(digits, tmp_path):
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
-    ok(python(*TRAIN, *args(straight, digits, "train.max_steps=10")))
+def test_two_rank_checkpoint_resumes_in_one_process(one_process_losses, digits, tmp_path):
+    moved = tmp_path / "moved"
     ok(torchrun(*TRAIN, *args(moved, digits, "train.max_steps=6")))
     ok(python(*TRAIN, *args(moved, digits, "train.max_steps=10", "train.resume=latest")))
-    a, b = losses(straight), losses(moved)
+    a, b = one_process_losses, losses(moved)
     for step in range(7, 11):
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
 
@@ -212,42 +210,38 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(digits, tm
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (("data.source=folders", "data.root={tmp}/missing"), "missing"),
-        (("optim.lr=-1",), "optim.lr"),
-        (("train.batch_size=63",), "train.batch_size"),
-        (("model.wdths=[1]",), "model.wdths"),
-        (("train.device=cuda",), "no CUDA GPU"),
-        (("train.resume=/etc/hostname",), "/etc/hostname"),
-        (("model.num_classes=7",), "model.num_classes=7"),
-        (("data.root={tmp}/a_file",), "is a file, not a folder"),  # source digits would write
-    ],
-    ids=[
-        "missing_root",
-        "negative_lr",
-        "odd_batch",
-        "unknown_key",
-        "no_gpu",
-        "foreign_checkpoint",
-        "class_count",
-        "root_is_a_file",
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(digits, tmp_path, extra, message):
-    if "train.device=cuda" in extra:
-        import torch
+BAD_INPUTS = {  # case -> (overrides, what the one line must name)
+    "missing_root": (("data.source=folders", "data.root={tmp}/missing"), "missing"),
+    "negative_lr": (("optim.lr=-1",), "optim.lr"),
+    "odd_batch": (("train.batch_size=63",), "train.batch_size"),
+    "unknown_key": (("model.wdths=[1]",), "model.wdths"),
+    "no_gpu": (("train.device=cuda",), "no CUDA GPU"),
+    "foreign_checkpoint": (("train.resume=/etc/hostname",), "/etc/hostname"),
+    "class_count": (("model.num_classes=7",), "model.num_classes=7"),
+    "root_is_a_file": (("data.root={tmp}/a_file",), "is a file, not a folder"),  # digits writes
+}
 
-        if torch.cuda.is_available():
-            pytest.skip("this machine has a GPU")
-    extra = tuple(e.replace("{tmp}", str(tmp_path)) for e in extra)
+
+def test_bad_input_is_one_line_and_exit_2(digits, tmp_path):
+    """Each case a real launch, two at a time (each is mostly interpreter start-up)."""
+    import torch
+
+    cases = dict(BAD_INPUTS)
+    if torch.cuda.is_available():
+        del cases["no_gpu"]  # this machine has a GPU
     (tmp_path / "a_file").write_text("not a data set\n")
-    result = python(*TRAIN, *args(tmp_path / "run", digits, "train.max_steps=2", *extra))
-    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("train: error:") and message in last, last
-    assert "Traceback" not in result.stderr
+
+    def launch(case: str) -> subprocess.CompletedProcess:
+        extra = tuple(e.replace("{tmp}", str(tmp_path)) for e in cases[case][0])
+        return python(*TRAIN, *args(tmp_path / case, digits, "train.max_steps=2", *extra))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(cases, pool.map(launch, cases)))
+    for case, result in results.items():
+        assert result.returncode == 2, (case, result.stdout[-1000:], result.stderr[-2000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("train: error:") and cases[case][1] in last, (case, last)
+        assert "Traceback" not in result.stderr, case
 
 
 def test_usage_without_arguments_asks_for_the_config_alone(monkeypatch, capsys):

@@ -300,18 +300,10 @@ def test_predict_probabilities_unreadable_files_and_plots(setup):
 
 def test_predict_ten_patches_and_table(setup):
     image = str(setup["root"] / "val" / "moth" / "moth_3.jpg")
-    result = cli(
-        "predict",
-        setup["ckpt"],
-        image,
-        "--patches",
-        "ten",
-        "--json",
-        "--top-k",
-        "2",
-        "--device",
-        "cpu",
-    )
+    ten = ("predict", setup["ckpt"], image, "--patches", "ten", "--json", "--top-k", "2")
+    plain = ("predict", setup["ckpt"], image)
+    with ThreadPoolExecutor(2) as pool:  # both at once: each is mostly start-up
+        result, table = pool.map(lambda a: cli(*a, "--device", "cpu"), (ten, plain))
     assert result.returncode == 0, result.stderr
     (got,) = json.loads(result.stdout)["predictions"]
     with torch.no_grad():
@@ -319,7 +311,6 @@ def test_predict_ten_patches_and_table(setup):
     top = probs.topk(2)
     assert got["indices"] == top.indices.tolist()
     assert got["probabilities"] == pytest.approx(top.values.tolist(), abs=1e-5)
-    table = cli("predict", setup["ckpt"], image, "--device", "cpu")
     assert table.returncode == 0 and table.stdout.splitlines()[0] == image
     assert len(table.stdout.splitlines()) == 1 + 3  # top-5 of 3 classes shows all 3
 
@@ -375,16 +366,19 @@ def test_visualize_kernels_png_and_score(setup):
 
 def test_visualize_activations_and_curves_default_paths(setup):
     image = setup["root"] / "val" / "zebra" / "zebra_0.jpg"
-    result = cli("visualize", "activations", setup["ckpt"], image)
+    run_dir = setup["base"] / "run"
+    with ThreadPoolExecutor(2) as pool:  # both at once: each is mostly start-up
+        result, curves = pool.map(
+            lambda a: cli("visualize", *a),
+            (("activations", setup["ckpt"], image), ("curves", run_dir)),
+        )
     assert result.returncode == 0, result.stderr
     png = setup["ckpt"].parent / "best_activations_zebra_0.png"  # beside the checkpoint
     w, h = activation_figsize(2)
     assert png_size(png) == (round(w * DPI), round(h * DPI))
     with Image.open(png) as im:
         assert np.asarray(im.convert("L")).std() > 10  # maps drawn, not a blank canvas
-    run_dir = setup["base"] / "run"
-    result = cli("visualize", "curves", run_dir)
-    assert result.returncode == 0, result.stderr
+    assert curves.returncode == 0, curves.stderr
     assert png_size(run_dir / "curves.png") == (800, 900)
 
 

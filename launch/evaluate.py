@@ -10,7 +10,8 @@ from rank 0, into --out (default: beside the checkpoint, CKPT_DIR/<ckpt stem>_ev
     confusion_center.png           confusion matrix, centre patch
     confusion_ten.png              confusion matrix, 10 patches
 Exit codes: 0 done; 2 a bad input (missing or foreign checkpoint, a data root whose class
-count differs from the checkpoint's, an unreadable image, an output folder not writable).
+count differs from the checkpoint's, an unreadable image, an output folder not writable);
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the net saw (or its 10 patches) beside a bar chart of its top-k, titled with the
 its step and the patch mode; the command says where it wrote them.
 Exit codes: 0 every image predicted; 1 some images were unreadable (each named on stderr,
 the rest still predicted); 2 a bad input (missing or foreign checkpoint, an empty folder, no
-image named that exists, a --plot folder not writable).
+image named that exists, a --plot folder not writable); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Default outputs (--out PNG overrides; its folder is made):
 Colour specificity of a kernel w (3, k, k): 1 - ||g||^2 / ||w||^2, g the projection of each
 pixel's RGB weights onto grey (1,1,1)/sqrt(3); 0 colour-agnostic, 1 pure colour, 2/3 random.
 Exit codes: 0 done; 2 a bad input (missing or foreign checkpoint, unreadable image, a run
-folder without metrics.jsonl, an output folder not writable).
+folder without metrics.jsonl, an output folder not writable); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
 
 def stopped(run: Run, stop: StopRequest, when: str, save_last: bool) -> faults.Stopped:
     """End on a stop request: write last.pt if the latest checkpoint is behind, say which;
-    returns the exception to raise (the command exits 128 + the signal's number)."""
+    returns the exception to raise (faults.Stopped: the command's exit code, 0 under torchrun)."""
     if save_last:
         save(run, ckpt.last_path(run.run_dir))
     if run.layout.is_main:

@@ -4,8 +4,8 @@ A user error is one the person running the command can fix (a wrong key, a missi
 checkpoint for another model); it ends the command with `PROG: error: ...` on stderr and exit
 code 2. A run stopped for a non-finite loss exits with 1; a run asked to stop (SIGINT,
 SIGTERM) saves a checkpoint and exits with 128 + the signal's number, 130 or 143, as a shell
-reports a process the signal ended; a Ctrl-C before that, wherever it lands, prints
-`PROG: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
+reports a process the signal ended (0 as a torchrun worker: faults.Stopped says why); a
+Ctrl-C before that, wherever it lands, prints `PROG: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
 This module sits above every room: it may import any of them, none imports it.
 """
 

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
         notes.append(f"load average {load:.1f} on {cores} cores: every verdict is inconclusive")
     if args.tiny:  # torchvision's net stays full size: no ratio or target means anything
         notes.append("--tiny: a tiny net that runs the code paths; every verdict is inconclusive")
-        quiet = False
+    judged = quiet and not args.tiny  # else every verdict is 'inconclusive'
     rows = []
     for (e, _), r in sorted(pooled.items()):
         world, per_rank, what = entries[e]
@@ -309,8 +309,8 @@ def run(args: argparse.Namespace) -> dict:
         },
         "peaks": peaks,
         "rows": rows,
-        "checks": target_checks(rows, s["device"], quiet),
-        "comparisons": comparisons(rows, flops.get("counted"), quiet),
+        "checks": target_checks(rows, s["device"], judged),
+        "comparisons": comparisons(rows, flops.get("counted"), judged),
         "notes": notes,
         "context": ctx,
     }

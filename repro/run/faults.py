@@ -4,8 +4,9 @@ dies, memory runs out, a rank stops answering, the disk fills or turns read-only
 `guarded` wraps the whole run: it claims the run folder (repro/run/rundir.py), watches the
 launcher, and turns each fault into a TrainingError of one line saying what happened, what is
 intact and what to do, which the command prints with exit code 1. A launcher that dies
-becomes a stop request (the run saves and ends, as on SIGTERM, with `Stopped`: exit code
-143). Anything else keeps its traceback: it is a bug, not a fault of the machine.
+becomes a stop request (the run saves and ends, as on SIGTERM, with `Stopped`: exit code 0,
+as for every torchrun worker asked to stop). Anything else keeps its traceback: it is a bug,
+not a fault of the machine.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """How a one-process run ends, trained in this process on a tiny synthetic run (2 steps an epoch).
 
 Proves: the rows logged at one step (training, validation, 10-patch) name the same epoch,
-counted from 1; a finished run resumed says so in one line, exits 0 and adds no row; a run asked
-to stop by Ctrl-C saves last.pt and ends the command with exit code 130, not 0 as a finished
-run does; a run stopped during the validation of its last step (train.max_steps) repeats that
-validation on resume.
+counted from 1; a finished run resumed says so in one line, exits 0, adds no row and compiles
+nothing; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit code 130,
+not 0 as a finished run does; a run stopped during the validation of its last step
+(train.max_steps) repeats that validation on resume.
 """
 
 from __future__ import annotations
@@ -79,11 +79,18 @@ def test_the_rows_of_one_step_name_one_epoch_counted_from_1(finished):
     assert epochs == {1: {1}, 2: {1}, 3: {2}, 4: {2}}
 
 
-def test_resuming_a_finished_run_says_so_and_adds_no_row(finished, tmp_path, capsys):
+def test_resuming_a_finished_run_says_so_and_adds_no_row(finished, tmp_path, capsys, monkeypatch):
+    """...and compiles nothing first (train.compile=on: on a GPU that is a minute)."""
+
+    def compile_model(*args, **kwargs):
+        raise AssertionError("a complete run was compiled")
+
+    monkeypatch.setattr(train.kernels, "compile_model", compile_model)
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     before = (run_dir / "metrics.jsonl").read_text()
-    assert command(tiny(run_dir, epochs=2, final_ten_patch=True, resume="latest")) == 0
+    resumed = tiny(run_dir, epochs=2, final_ten_patch=True, resume="latest", compile="on")
+    assert command(resumed) == 0
     assert (run_dir / "metrics.jsonl").read_text() == before  # no second 10-patch row
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"repro: the run in {run_dir} is already complete at step 4 "

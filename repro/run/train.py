@@ -101,6 +101,7 @@ def run_epochs(cfg: Config, layout: Layout) -> dict:
             f"({run.pos.epoch} full epoch(s), {limit} reached); raise {limit} to train on"
         )
         return run.last
+    compile_forward(run)  # only now: a complete run has nothing to compile for
     if layout.is_main:
         save_config(cfg, run.run_dir / "config.yaml")
     # Rank 0 may wait up to wandb.start_timeout_s for wandb; the others wait for it here.
@@ -179,19 +180,12 @@ def start(cfg: Config, layout: Layout) -> Run:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     autocast = lambda: torch.autocast(layout.device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
-    forward = model
-    if compile_model:  # compiled now, on a stand-in batch: a failure falls back to eager
-        s = cfg.model.image_size
-        memory = torch.channels_last if channels_last else torch.contiguous_format
-        example = torch.zeros(per_replica, 3, s, s, device=layout.device)
-        example = example.contiguous(memory_format=memory)  # as the loaders lay batches out
-        forward, _ = kernels.compile_model(model, example, autocast, layout)
     return Run(
         cfg=cfg,
         layout=layout,
         run_dir=Path(cfg.train.run_dir),
         model=model,
-        forward=forward,
+        forward=model,  # compile_forward replaces it once the run is known to train
         optimizer=optimizer,
         schedule=build_schedule(optimizer, cfg.optim),
         train_data=train_data,
@@ -200,6 +194,19 @@ def start(cfg: Config, layout: Layout) -> Run:
         channels_last=channels_last,
         per_replica=per_replica,
     )
+
+
+def compile_forward(run: Run) -> None:
+    """torch.compile the model if the run's switches say so (train.compile): compiled now, on
+    a stand-in batch laid out as the loaders lay batches out; a failure falls back to eager
+    with one warning (one process) or is an error naming the fix (ranks)."""
+    if not switches(run.cfg, run.layout)[2]:
+        return
+    s = run.cfg.model.image_size
+    memory = torch.channels_last if run.channels_last else torch.contiguous_format
+    example = torch.zeros(run.per_replica, 3, s, s, device=run.layout.device)
+    example = example.contiguous(memory_format=memory)
+    run.forward, _ = kernels.compile_model(run.model, example, run.autocast, run.layout)
 
 
 def train_epoch(run: Run, stop: StopRequest) -> bool:

@@ -369,8 +369,11 @@ def complete(run: Run) -> bool:
 
 
 def figure3(run: Run, step: int) -> None:
-    """§6.1, Figure 3: conv1's kernels, one labelled block per tower, logged as an image."""
-    conv1 = run.model.grouped_state_dict()["conv1.weight"]
+    """§6.1, Figure 3: conv1's kernels, one labelled block per tower, logged as an image
+    (drawn by rank 0 alone: the other ranks' trackers record nothing)."""
+    conv1 = run.model.grouped_state_dict()["conv1.weight"]  # a collective: every rank calls it
+    if not run.layout.is_main:
+        return
     title = f"run {run_name(run.cfg.wandb, run.run_dir)}, step {step}"
     run.tracker.log_image(
         "conv1_kernels", figure3_image(conv1, run.cfg.model.towers, title), step, title

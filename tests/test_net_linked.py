@@ -6,7 +6,8 @@ and the exchange alone keeps a channels_last map channels_last, forward and back
 the exchange inside them is overlapped (the all_gather is launched before the own share's
 product and waited after it; the reduce_scatter is launched before the weight gradient and
 waited after it); the replica average done in buckets during backward gives the parameters
-one process reaches on the whole batch, over several buckets.
+one process reaches on the whole batch, over several buckets, with the run's fused SGD, in
+NCHW and channels_last (each averaged gradient keeps its weight's strides).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import torch
 from spawn import run_ranks
 from torch.nn import functional as F
 
-from repro.config import ModelConfig
+from repro.config import ModelConfig, OptimConfig
 from repro.net import dist, parallel
 from repro.net.dist import single_process_layout
 from repro.net.model import AlexNet
 from repro.net.parallel import LinkedConv2d, LinkedLinear, gather_for_split_layer
 from repro.net.replicas import GradientAverage
+from repro.run.optim import build_optimizer
+
+OPTIM = OptimConfig(lr=0.05)  # the paper's momentum and weight decay, a larger step
 
 
 def _layers(kind: str, tower: int) -> torch.nn.Module:
@@ -172,38 +176,50 @@ def test_the_exchange_overlaps_the_layers_own_arithmetic(monkeypatch):
 
 
 def _replicas_rank(steps: int, bucket_mb: float):
-    """2 replicas of a one-tower net (world 2 = 2 x 1): bucketed average vs one process."""
+    """2 replicas of a one-tower net (world 2 = 2 x 1): bucketed average vs one process, with
+    the run's own optimizer (fused SGD), in NCHW and in channels_last."""
     cfg = ModelConfig(
         towers=1, num_classes=5, widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67
     )
     layout = dist.init_distributed(towers=1, device="cpu")
-    model, ref = AlexNet(cfg, layout, seed=1).train(), AlexNet(cfg, seed=1).train()
-    make = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)  # noqa: E731
-    opt, ref_opt = make(model), make(ref)
-    average = GradientAverage(list(model.parameters()), layout, bucket_mb=bucket_mb)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(steps):
-        x = torch.randn(6, 3, 67, 67, generator=gen)
-        y = torch.randint(0, 5, (6,), generator=gen)
-        mine = slice(3 * layout.replica, 3 * layout.replica + 3)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[mine]), y[mine]).backward()
-        average.finish()
-        opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(ref(x), y).backward()
-        ref_opt.step()
-    average.remove()
-    ref_params = dict(ref.named_parameters())
-    errs = {
-        n: ((p - ref_params[n]).norm() / ref_params[n].norm()).item()
-        for n, p in model.named_parameters()
-    }
-    return errs, len(average.buckets), layout.replicas
+    results = {}
+    for channels_last in (False, True):
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        model = AlexNet(cfg, layout, seed=1).train().to(memory_format=memory)
+        ref = AlexNet(cfg, seed=1).train().to(memory_format=memory)
+        opt, ref_opt = build_optimizer(model, OPTIM), build_optimizer(ref, OPTIM)
+        average = GradientAverage(list(model.parameters()), layout, bucket_mb=bucket_mb)
+        gen = torch.Generator().manual_seed(3)
+        strides_kept = True
+        for _ in range(steps):
+            x = torch.randn(6, 3, 67, 67, generator=gen).contiguous(memory_format=memory)
+            y = torch.randint(0, 5, (6,), generator=gen)
+            mine = slice(3 * layout.replica, 3 * layout.replica + 3)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[mine]), y[mine]).backward()
+            average.finish()
+            # fused SGD on CUDA refuses a gradient laid out unlike its weight (and on the CPU
+            # it pairs the wrong elements): the averaged slice keeps the weight's strides.
+            strides_kept &= all(p.grad.stride() == p.stride() for p in model.parameters())
+            opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ref(x), y).backward()
+            ref_opt.step()
+        average.remove()
+        ref_params = dict(ref.named_parameters())
+        errs = {
+            n: ((p - ref_params[n]).norm() / ref_params[n].norm()).item()
+            for n, p in model.named_parameters()
+        }
+        results[channels_last] = (errs, strides_kept)
+    return results, len(average.buckets), layout.replicas
 
 
 def test_bucketed_replica_average_equals_one_process():
     # 0.01 MB buckets: the 16 tensors travel in several all_reduces launched during backward.
-    for errs, buckets, replicas in run_ranks(_replicas_rank, 2, 3, 0.01):
+    for results, buckets, replicas in run_ranks(_replicas_rank, 2, 3, 0.01):
         assert replicas == 2 and buckets >= 3
-        assert max(errs.values()) <= 1e-5, max(errs.items(), key=lambda kv: kv[1])
+        for channels_last, (errs, strides_kept) in results.items():
+            assert strides_kept, channels_last
+            worst = max(errs.items(), key=lambda kv: kv[1])
+            assert worst[1] <= 1e-5, (channels_last, worst)

@@ -1,7 +1,8 @@
 """Checkpoints: a round trip restores tensors, optimizer and random state; a write killed
 half-way leaves the previous file loadable; every unusable file is a one-line CheckpointError;
 `latest` picks the highest step recorded inside the files (not names, not file times);
-retention keeps the highest steps; differing class names are named."""
+retention keeps the highest steps; differing class names are named; momentum saved in one
+memory format resumes in the other."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from repro.config import Config, config_to_dict
+from repro.config import Config, ModelConfig, OptimConfig, config_to_dict
+from repro.net.model import AlexNet
 from repro.run.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -34,6 +36,7 @@ from repro.run.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from repro.run.optim import build_optimizer, load_momentum_by_name, momentum_by_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,3 +248,33 @@ def test_retention_keeps_the_newest_and_best(tmp_path: Path) -> None:
     assert removed == paths[:3]
     assert sorted((tmp_path / "checkpoints").iterdir()) == sorted([*paths[3:], best, last])
     assert prune_checkpoints(tmp_path, keep=2) == []
+
+
+def _stepped(memory: torch.memory_format, buffers: dict | None = None):
+    """A small net laid out in `memory`, its momentum from `buffers` (or fresh), after one fused
+    SGD step on fixed gradients: (model, optimizer)."""
+    cfg = ModelConfig(num_classes=5, widths=(4, 6, 8, 8, 6), fc_width=16, image_size=67)
+    model = AlexNet(cfg, seed=0).to(memory_format=memory)
+    optimizer = build_optimizer(model, OptimConfig())
+    if buffers is not None:
+        load_momentum_by_name(model, optimizer, buffers)
+    gen = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen))
+    optimizer.step()
+    return model, optimizer
+
+
+def test_momentum_resumes_in_the_other_memory_format() -> None:
+    """A CPU run's (NCHW) checkpoint resumed on a GPU (channels_last), and back: each restored
+    buffer takes its weight's layout, or fused SGD would refuse it (CUDA) or pair the wrong
+    elements (CPU)."""
+    formats = (torch.contiguous_format, torch.channels_last)
+    for saved, resumed in (formats, formats[::-1]):
+        model, optimizer = _stepped(saved)
+        buffers = {n: b.clone() for n, b in momentum_by_name(model, optimizer).items()}
+        ref, _ = _stepped(saved, buffers)  # the next step where the run was saved
+        got, opt = _stepped(resumed, buffers)
+        for name, p in got.named_parameters():
+            assert opt.state[p]["momentum_buffer"].stride() == p.stride(), name
+        torch.testing.assert_close(dict(got.named_parameters()), dict(ref.named_parameters()))

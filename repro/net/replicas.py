@@ -49,8 +49,11 @@ class _Bucket:
         self.work = None
 
     def slice(self, i: int) -> Tensor:
+        """Parameter i's share of the buffer, laid out as the parameter is (a channels_last
+        weight gets a channels_last gradient: fused SGD needs the two alike, and would refuse
+        them on CUDA or pair the wrong elements on the CPU)."""
         p = self.params[i]
-        return self.flat[self.offsets[i] : self.offsets[i + 1]].view(p.shape)
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].as_strided(p.shape, p.stride())
 
 
 class GradientAverage:

@@ -97,7 +97,9 @@ def load_momentum_by_name(
                     f"momentum buffer {name} has shape {tuple(buffers[name].shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
-            optimizer.state[p]["momentum_buffer"] = buffers[name].to(p.device, p.dtype).clone()
+            # Laid out as the weight is, not as it was saved (a CPU run's NCHW buffer resumed
+            # channels_last on a GPU): fused SGD needs the two alike.
+            optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffers[name])
 
 
 def freeze(module: nn.Module) -> None:

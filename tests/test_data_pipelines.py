@@ -6,7 +6,8 @@ offset from the central `resize` square of the image rescaled to shorter side `r
 mirrored exactly when the mirror flag is drawn (about half the time), also for a stored
 square decoded patch-only; the 10 test patches are the four corners, the centre and their
 mirrors, in that order; the mean image under each patch (mirrored with it) and the channel
-mean are subtracted after DALI; the PCA colour shift has mean 0 and covariance
+mean are subtracted after DALI (the GPU branch's arithmetic, dry run on CPU tensors, gives
+the CPU branch's values); the PCA colour shift has mean 0 and covariance
 sigma^2 P diag(lambda)^2 P^T (x 255^2) over many draws, is exactly 0 with sigma 0 and
 reaches every pixel; every draw depends on (seed, epoch, position) only.
 """
@@ -237,6 +238,26 @@ def test_a_file_dali_cannot_decode_is_named(tmp_path):
             dict(decode="cpu", resize=S, crop=C, patches="center"),
             [({}, [good, str(bad), good])],
         )
+
+
+def test_the_gpu_branch_of_normalisation_dry_run_on_the_cpu_equals_the_cpu_branch():
+    """The CUDA branch's arithmetic (one gather of the mean patches, non_blocking copies) run
+    on CPU tensors: what the GPU test below checks on a GPU, here on every machine."""
+    rng = np.random.default_rng(0)
+    mean_image = rng.uniform(0, 255, (S, S, 3)).astype(np.float32)
+    patches = torch.from_numpy(rng.integers(0, 256, (16, 3, C, C), dtype=np.uint8))
+    inputs = draws(range(16), sigma=0.1)
+    mirror = inputs[pipelines.MIRROR].astype(bool)
+    cpu = augment.Normalizer(mean_image, np.array([1.0, 2.0, 3.0]), C, "cpu")
+    gpu_branch = augment.Normalizer(mean_image, np.array([1.0, 2.0, 3.0]), C, "cpu")
+    gpu_branch.cuda = True  # its mean images as tensors, as the constructor makes them on a GPU
+    gpu_branch.mean = torch.from_numpy(gpu_branch.mean)
+    gpu_branch.mean_mirrored = torch.from_numpy(gpu_branch.mean_mirrored)
+    args = (patches, inputs["offsets"], mirror, inputs["shift"])
+    torch.testing.assert_close(gpu_branch.train(*args), cpu.train(*args))
+    views = augment.view_offsets("ten", S - C)
+    ten = patches[:10]  # one image's 10 views
+    torch.testing.assert_close(gpu_branch.views(ten, views), cpu.views(ten, views))
 
 
 @pytest.mark.gpu

@@ -139,10 +139,10 @@ class Normalizer:
     ) -> torch.Tensor:
         """Training patches cut at `offsets` (x, y) of the square, mirrored where drawn."""
         if self.cuda:
-            out = patches.to(self.device).float()
+            out = self._sent(patches).float()
             if self.mean is not None:
                 out -= self._gathered(*self._anchors(offsets, mirror), mirror)
-            return out.sub_(torch.from_numpy(self._offsets(shift)).to(self.device))
+            return out.sub_(self._sent(self._offsets(shift)))
         out = patches.numpy().astype(np.float32)
         if self.mean is not None:  # k slices: 4x faster than a gather here (measured)
             x, y = self._anchors(offsets, mirror)
@@ -157,7 +157,7 @@ class Normalizer:
         """(n * V, 3, c, c) evaluation patches, V fixed views (x, y, mirrored) per image."""
         c = self.crop
         if self.cuda:
-            out = patches.to(self.device).float()
+            out = self._sent(patches).float()
         else:
             out = patches.numpy().astype(np.float32)
         out = out.reshape(-1, len(views), 3, c, c)
@@ -169,9 +169,16 @@ class Normalizer:
             out -= torch.stack(means) if self.cuda else np.stack(means)
         offset = self._offsets(np.zeros((1, 3)))[None]
         if self.cuda:
-            return (out - torch.from_numpy(offset).to(self.device)).reshape(-1, 3, c, c)
+            return (out - self._sent(offset)).reshape(-1, 3, c, c)
         out -= offset
         return torch.from_numpy(out.reshape(-1, 3, c, c))
+
+    def _sent(self, host: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """`host` copied to the GPU without waiting: a blocking copy waits for the whole
+        stream (the previous step), so the host could never run ahead. Pageable memory is
+        staged before the call returns, so `host` may be freed or reused at once."""
+        host = torch.from_numpy(host) if isinstance(host, np.ndarray) else host
+        return host.to(self.device, non_blocking=True)
 
     def _anchors(self, offsets: np.ndarray, mirror: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-left (x, y) of each patch in the mean image, or in the mirrored one if mirrored:
@@ -182,9 +189,9 @@ class Normalizer:
     def _gathered(self, x: np.ndarray, y: np.ndarray, mirror: np.ndarray) -> torch.Tensor:
         """(k, 3, c, c) mean patches on the GPU: one gather kernel, not k small copies."""
         ar = torch.arange(self.crop, device=self.device)
-        rows = torch.from_numpy(y).to(self.device)[:, None, None] + ar[None, :, None]  # (k, c, 1)
-        cols = torch.from_numpy(x).to(self.device)[:, None, None] + ar[None, None, :]  # (k, 1, c)
-        flip = torch.from_numpy(mirror).to(self.device)[:, None, None, None]
+        rows = self._sent(y)[:, None, None] + ar[None, :, None]  # (k, c, 1)
+        cols = self._sent(x)[:, None, None] + ar[None, None, :]  # (k, 1, c)
+        flip = self._sent(mirror)[:, None, None, None]
         plain = self.mean[:, rows, cols].transpose(0, 1)
         mirrored = self.mean_mirrored[:, rows, cols].transpose(0, 1)
         return torch.where(flip, mirrored, plain)

@@ -124,7 +124,7 @@ def _gather(local: torch.Tensor | None, sizes: list[int], layout: Layout, shape)
     rows = [s * shape[0] for s in sizes]
     if local is None:
         local = torch.empty((0, *shape[1:]), dtype=torch.uint8, device=layout.device)
-    local = local.to(layout.device).reshape(-1, *shape[1:])
+    local = local.to(layout.device, non_blocking=True).reshape(-1, *shape[1:])
     if layout.tower_group is None:
         return local
     padded = local.new_zeros((max(rows), *shape[1:]))  # list all_gather needs equal shapes
@@ -202,7 +202,10 @@ class TrainLoader:
             positions = np.arange(b) + step * self.global_batch + first
             images = self._norm.train(patches, *draws.take(positions, cfg.flip, sigma, self._basis))
             labels = torch.from_numpy(self.images.labels[order[positions]])
-            yield finish_batch(images, self.channels_last), labels.to(self.layout.device)
+            yield (
+                finish_batch(images, self.channels_last),
+                labels.to(self.layout.device, non_blocking=True),
+            )
 
 
 class EvalLoader:
@@ -245,7 +248,10 @@ class EvalLoader:
             patches = _gather(local, sizes, self.layout, shape)  # (n * views, 3, c, c) uint8
             images = self._norm.views(patches, self._views)
             labels = torch.from_numpy(self.images.labels[start : start + n])
-            yield finish_batch(images, self.channels_last), labels.to(self.layout.device)
+            yield (
+                finish_batch(images, self.channels_last),
+                labels.to(self.layout.device, non_blocking=True),
+            )
 
 
 def build_train_loader(

@@ -58,7 +58,8 @@ class Window:
     values: torch.Tensor
     """(n + 1,): the window's n losses, then the stop flag; summed over the world once `work` is done."""
     work: object
-    """The async all_reduce's handle (None in one process)."""
+    """What to wait for before reading `values`: the async all_reduce's handle (None in one
+    process), or on a GPU the event after their copy to pinned host memory."""
     epoch: int
     """Counted from 1, as the progress bar counts: the epoch this window's steps belong to."""
     last_step: int
@@ -76,6 +77,12 @@ def launch_window(window: list[torch.Tensor], stop: StopRequest, run: Run, t0: f
     values = torch.cat([losses, stop.flag(losses)])
     layout = run.layout
     work = dist.all_reduce(values, async_op=True) if layout.distributed else None
+    if values.is_cuda:  # copied now, behind this step: reading them waits for it, not the next
+        if work is not None:
+            work.wait()  # NCCL: the stream waits for the sum, the host does not
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        values, work = host.copy_(values, non_blocking=True), torch.cuda.Event()
+        work.record()
     return Window(
         values=values,
         work=work,
@@ -89,7 +96,9 @@ def launch_window(window: list[torch.Tensor], stop: StopRequest, run: Run, t0: f
 def log_window(window: Window, run: Run, bar=None) -> bool:
     """Read a window (the host waits here, for it alone), stop on the first non-finite loss,
     log the mean loss; True if any rank was asked to stop."""
-    if window.work is not None:
+    if isinstance(window.work, torch.cuda.Event):
+        window.work.synchronize()
+    elif window.work is not None:
         window.work.wait()
     values = window.values.cpu()
     losses, stop = values[:-1] / run.layout.world_size, bool(values[-1] > 0)

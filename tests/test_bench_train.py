@@ -9,7 +9,8 @@ attributed to the right links; `bench.py train`, `infer`, `exchange` and `data` 
 CPU with tiny settings and write JSON whose figures agree with each other (images/s =
 batch / median step time over every round, MFU = FLOP/s / peak, the 2-rank / 1-process
 ratio, the projection = one tower + modelled link) beside the machine, versions, git
-revision and load average.
+revision and load average; the measured step runs with a default training run's kernel
+settings.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from repro.bench.kit import ms_interval, ratio_interval, spread, verdict
+from repro.bench.step import Case, Job, measure
 from repro.bench.targets import _enough
 from repro.bench.traffic import (
     LinkModel,
@@ -36,7 +38,9 @@ from repro.bench.traffic import (
 )
 from repro.bench.train import TINY, counted_flops, flops_per_image
 from repro.config import ModelConfig
+from repro.net.dist import single_process_layout
 from repro.net.model import AlexNet
+from repro.run import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ModelConfig()
@@ -296,3 +300,18 @@ def test_every_sub_command_help_has_an_example(command, capsys):
         launcher().main([command, "--help"])
     printed = capsys.readouterr().out
     assert "examples:" in printed and f"python launch/bench.py {command}" in printed
+
+
+def test_the_benchmarks_step_runs_a_default_training_runs_kernels():
+    """The bench measures the kernels `train.deterministic: false` trains with (cuDNN's
+    autotuner on a GPU), whatever this process had set before."""
+    job = Job("train", TINY, "cpu", (Case(batch=2),), warmup=1, steps=1, repeats=1)
+    layout = single_process_layout(TINY.towers, "cpu")
+    kernels.kernel_flags(True, layout.device)
+    try:
+        result = measure(job, job.cases[0], layout)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.deterministic
+        assert result
+    finally:
+        kernels.kernel_flags(False, layout.device)

@@ -121,6 +121,7 @@ def measure(job: Job, case: Case, layout: Layout) -> dict:
     if case.batch % layout.replicas:
         raise ValueError(f"batch {case.batch} does not split over {layout.replicas} replicas")
     per_replica = case.batch // layout.replicas
+    kernels.kernel_flags(False, device)  # as train.deterministic=false runs: cuDNN autotunes
     model = build_model(job, layout).to(device)
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ Proves:
   and training on image folders without DALI ends with one line naming DALI and the fix,
   exit code 2, and no run folder;
 - the budget holds: a row that runs past it is cut, the rest are marked not run, and the
-  files are complete; bad input (a budget too small, an unwritable folder, no GPU without
+  files are complete; tests cut by it keep the outcomes of those that ended; bad input (a budget too small, an unwritable folder, no GPU without
   --dry-run) is refused with a message naming the fix.
 """
 
@@ -112,6 +112,9 @@ def test_budget_cuts_a_long_row_and_marks_the_rest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gpu_check, "measure", slow)
     monkeypatch.setattr(gpu_check, "run_tests", lambda out, s: {"status": "passed", "counts": {}})
+    # The peaks take no time, so the first row meets the alarm whatever the machine's load.
+    peak = {"flop_s": 1e12, "size": 256, "seconds": 0.0}
+    monkeypatch.setattr(gpu_check.kit, "matmul_peak", lambda device, dtype, size: peak)
     monkeypatch.setattr(gpu_check, "RESERVE_S", 1.0)
     record = gpu_check.run(tmp_path, budget_s=4.0, dry_run=True)
     statuses = [r["status"] for r in record["rows"]]
@@ -132,3 +135,22 @@ def test_bad_input_names_the_fix(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(gpu_check.GpuCheckError, match="no CUDA GPU.*--dry-run"):
             gpu_check.run(tmp_path, budget_s=60, dry_run=False)
+
+
+def test_tests_cut_by_the_budget_keep_the_outcomes_of_those_that_ended(tmp_path):
+    """pytest killed mid-way writes no JUnit file: the outcomes come from its -v lines."""
+    tests = tmp_path / "test_stand_in.py"
+    tests.write_text(
+        "import time, pytest\n"
+        "pytestmark = pytest.mark.gpu\n"
+        "def test_passes(): pass\n"
+        "def test_is_skipped(): pytest.skip('no second GPU')\n"
+        "def test_runs_past_the_budget(): time.sleep(120)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    result = gpu_check.run_tests(out, seconds=15, tests=str(tests))
+    assert result["status"] == "cut: budget (15 s)"
+    assert not (out / "gpu_tests.xml").exists()
+    assert result["counts"] == {"passed": 1, "skipped": 1}
+    assert [c["name"] for c in result["tests"]] == ["test_passes", "test_is_skipped"]

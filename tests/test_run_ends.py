@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from repro import cli
-from repro.config import Config, DataConfig, ModelConfig, TrainConfig, WandbConfig
+from repro.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    WandbConfig,
+)
 from repro.net.dist import single_process_layout
 from repro.run import train
 from repro.run.checkpoint import load_checkpoint
@@ -29,7 +36,7 @@ from repro.run.tracking import MetricsFile
 TINY = ModelConfig(widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67, num_classes=4)
 
 
-def tiny(run_dir: Path, **options) -> Config:
+def tiny(run_dir: Path, optim: OptimConfig | None = None, **options) -> Config:
     """Two steps of 2 synthetic images an epoch, on the CPU, each step logged."""
     steps = TrainConfig(
         batch_size=2, epochs=1, log_every=1, run_dir=str(run_dir), device="cpu",
@@ -39,6 +46,7 @@ def tiny(run_dir: Path, **options) -> Config:
         model=TINY,
         data=DataConfig(source="synthetic", crop=67, synthetic_images=4),
         train=replace(steps, **options),
+        optim=optim or OptimConfig(),
         wandb=WandbConfig(mode="disabled"),
     )
 
@@ -111,9 +119,10 @@ def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(monkeypatch, tmp_path, caps
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
 
 
-def test_a_stop_during_the_last_validation_is_repeated_on_resume(monkeypatch, tmp_path):
+def test_a_stop_during_the_last_validation_is_repeated_on_resume(monkeypatch, tmp_path, recwarn):
     """max_steps at an epoch's end, Ctrl-C during that epoch's validation: the resumed run
-    validates (it used to find max_steps reached and end without the validation row)."""
+    validates (it used to find max_steps reached and end without the validation row), and
+    steps the schedule before its first optimizer step without torch's warning about that."""
     real_bar = train.progress_bar
 
     def progress_bar(layout, total, desc, initial=0):
@@ -124,10 +133,13 @@ def test_a_stop_during_the_last_validation_is_repeated_on_resume(monkeypatch, tm
         return bar
 
     monkeypatch.setattr(train, "progress_bar", progress_bar)
-    assert command(tiny(tmp_path, epochs=3, max_steps=2)) == 130
+    optim = OptimConfig(schedule="steps", drop_epochs=(2,))  # the demo's: an LRScheduler
+    assert command(tiny(tmp_path, optim, epochs=3, max_steps=2)) == 130
     assert not [r for r in rows(tmp_path) if "top1_error" in r]
     monkeypatch.setattr(train, "progress_bar", real_bar)
-    assert command(tiny(tmp_path, epochs=3, max_steps=2, resume="latest")) == 0
+    recwarn.clear()
+    assert command(tiny(tmp_path, optim, epochs=3, max_steps=2, resume="latest")) == 0
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
     validated = [r for r in rows(tmp_path) if "top1_error" in r]
     assert [(r["step"], r["epoch"]) for r in validated] == [(2, 1)]
     assert max(r["step"] for r in rows(tmp_path)) == 2  # no step trained past max_steps

@@ -19,6 +19,7 @@ host side of a step (log windows, the stop request, progress bars) is repro/run/
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -295,7 +296,7 @@ def end_of_epoch(run: Run, stop: StopRequest) -> bool:
     with warnings.catch_warnings():
         # A run resumed between an epoch's last step and its validation steps the schedule
         # before its first optimizer step in this process; across the run the order is right.
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
         step_schedule(run.schedule, error)
     save(run, ckpt.checkpoint_path(run.run_dir, pos.epoch, pos.step))
     if run.layout.is_main:

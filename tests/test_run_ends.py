@@ -155,3 +155,36 @@ def test_a_stopped_torchrun_worker_exits_0_so_torchrun_does_not_restart_it(monke
     assert Stopped(None).exit_code == 143  # another rank was asked: as a launcher asks
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun sets it in every worker
     assert Stopped(signal.SIGTERM).exit_code == Stopped(signal.SIGINT).exit_code == 0
+
+
+def test_resuming_mid_epoch_with_another_batch_or_seed_is_refused(tmp_path, capsys):
+    """A position in an epoch is steps x batch in the seed's order: mid-epoch, another batch
+    size or seed would repeat or skip images, so it is refused in one line naming the values;
+    at an epoch's end the next epoch starts afresh, and another batch size is taken."""
+    assert command(tiny(tmp_path, epochs=2, max_steps=1)) == 0  # last.pt: step 1 of epoch 1
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    for changed, line in (
+        ({"batch_size": 4}, "train.batch_size is 2 in the checkpoint, 4 in this run"),
+        ({"seed": 7}, "train.seed is 0 in the checkpoint, 7 in this run"),
+    ):
+        capsys.readouterr()
+        assert command(tiny(tmp_path, epochs=2, resume="latest", **changed)) == 2
+        (error,) = capsys.readouterr().err.strip().splitlines()
+        assert (
+            error.startswith("train: error: ") and "last.pt: stopped mid-epoch (step 1 of" in error
+        )
+        assert line in error and "resume with train." in error, error
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # untouched
+    assert command(tiny(tmp_path, epochs=2, max_steps=2, resume="latest")) == 0  # epoch's end
+    assert command(tiny(tmp_path, epochs=2, batch_size=4, resume="latest")) == 0
+    assert max(r["step"] for r in rows(tmp_path)) == 3  # epoch 2: one step of 4 images
+
+
+def test_resuming_into_another_net_names_the_settings_that_differ(finished, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    wider = replace(TINY, fc_width=48)
+    cfg = replace(tiny(run_dir, epochs=3, resume="latest"), model=wider)
+    assert command(cfg) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "model.fc_width is 32 in the checkpoint, 48 in this run" in error, error

@@ -87,7 +87,7 @@ def resume(run: Run) -> bool:
         run.say(f"repro: no checkpoint in {run.run_dir}/checkpoints yet; starting fresh")
     else:
         run.pos, run.best_error = restore(
-            path, state, run.model, run.optimizer, run.schedule, run.train_data.class_names
+            path, state, run.model, run.optimizer, run.schedule, run.train_data.class_names, run.cfg
         )
         run.say(
             f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step} "
@@ -133,18 +133,39 @@ def save(run: Run, path: Path) -> None:
 
 
 def restore(
-    path: Path, state: dict, model: AlexNet, optimizer, schedule, class_names=None
+    path: Path,
+    state: dict,
+    model: AlexNet,
+    optimizer,
+    schedule,
+    class_names=None,
+    cfg: Config | None = None,
 ) -> tuple[Position, float]:
     """Load a checkpoint's state (read from `path` by rank 0, any layout) into this one.
 
-    A run resumed on other classes than it was trained on is refused (`class_names`).
+    Refused, in one line naming the settings: a run resumed on other classes than it was
+    trained on (`class_names`); mid-epoch, another batch size or seed than the checkpoint's
+    (`cfg`: the epoch's images would be repeated or skipped, since a position in the epoch is
+    steps x batch in the seed's order); a model whose weights do not fit.
     """
     if class_names is not None:
         ckpt.check_class_names(path, state.get("class_names"), class_names)
+    saved = state.get("config") or {}
+    if cfg is not None and state.get("step_in_epoch", 0):
+        changed = _changed(saved, cfg, "train", ("batch_size", "seed"))
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{path}: stopped mid-epoch (step {state['step_in_epoch']} of epoch "
+                f"{state['epoch'] + 1}), and {_described(changed)}; resume with "
+                f"{' '.join(f'{key}={then}' for key, then, _ in changed)}: with another value "
+                "the rest of the epoch would repeat or skip images"
+            )
     try:
         model.load_full_state_dict(state["model"])
     except ValueError as err:
-        raise ckpt.CheckpointError(f"{path}: {err}") from None
+        changed = _changed(saved, cfg, "model") if cfg is not None else []
+        because = f" ({_described(changed)})" if changed else ""
+        raise ckpt.CheckpointError(f"{path}: {err}{because}") from None
     momentum = state.get("optimizer", {}).get("momentum", {})
     load_momentum_by_name(model, optimizer, local_tensors(model, momentum))
     if "lr_scheduler" in state:
@@ -153,3 +174,22 @@ def restore(
         ckpt.set_rng_state(state["rng"])
     pos = Position(state["epoch"], state.get("step_in_epoch", 0), state["step"])
     return pos, float(state.get("best_error", math.inf))
+
+
+def _changed(
+    saved: dict, cfg: Config, section: str, keys: tuple[str, ...] = ()
+) -> list[tuple[str, object, object]]:
+    """(section.key, the checkpoint's value, this run's) for each setting of `section` (`keys`
+    only, if given) that the checkpoint's config records with another value."""
+    now, then = config_to_dict(cfg)[section], saved.get(section, {})
+    return [
+        (f"{section}.{key}", then[key], value)
+        for key, value in now.items()
+        if (not keys or key in keys) and key in then and then[key] != value
+    ]
+
+
+def _described(changed: list[tuple[str, object, object]]) -> str:
+    return "; ".join(
+        f"{key} is {then} in the checkpoint, {now} in this run" for key, then, now in changed
+    )

@@ -4,7 +4,10 @@ Proves: the rows logged at one step (training, validation, 10-patch) name the sa
 counted from 1; a finished run resumed says so in one line, exits 0, adds no row and compiles
 nothing; a run asked to stop by Ctrl-C saves last.pt and ends the command with exit code 130,
 not 0 as a finished run does; a run stopped during the validation of its last step
-(train.max_steps) repeats that validation on resume.
+(train.max_steps) repeats that validation on resume, without torch's lr_scheduler warning;
+resuming mid-epoch with another batch size or seed is refused in one line (at an epoch's end
+it is taken), a net that does not fit the checkpoint is named by its differing settings, and
+a resume target that does not exist names what is valid.
 """
 
 from __future__ import annotations
@@ -188,3 +191,12 @@ def test_resuming_into_another_net_names_the_settings_that_differ(finished, tmp_
     assert command(cfg) == 2
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert "model.fc_width is 32 in the checkpoint, 48 in this run" in error, error
+
+
+def test_a_resume_target_that_does_not_exist_names_what_is_valid(tmp_path, capsys):
+    assert command(tiny(tmp_path / "run", resume="lastest")) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error == (
+        "train: error: train.resume=lastest: no such checkpoint file; give 'latest' (the newest "
+        f"in {tmp_path / 'run' / 'checkpoints'}) or the path of a checkpoint"
+    )

@@ -80,7 +80,14 @@ def resume(run: Run) -> bool:
         return False
 
     def pick() -> Path | None:
-        return ckpt.latest_checkpoint(run.run_dir) if target == "latest" else Path(target)
+        if target == "latest":
+            return ckpt.latest_checkpoint(run.run_dir)
+        if not Path(target).exists():
+            raise ckpt.CheckpointError(
+                f"train.resume={target}: no such checkpoint file; give 'latest' (the newest in "
+                f"{run.run_dir / 'checkpoints'}) or the path of a checkpoint"
+            )
+        return Path(target)
 
     path, state = ckpt.load_on_rank0(pick, run.layout)
     if path is None:

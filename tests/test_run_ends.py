@@ -34,7 +34,7 @@ from repro.config import (
 from repro.net.dist import single_process_layout
 from repro.run import train
 from repro.run.checkpoint import load_checkpoint
-from repro.run.tracking import MetricsFile
+from repro.run.tracking import TEN_TOP1, MetricsFile
 
 TINY = ModelConfig(widths=(8, 12, 16, 16, 12), fc_width=32, image_size=67, num_classes=4)
 
@@ -165,6 +165,9 @@ def test_resuming_mid_epoch_with_another_batch_or_seed_is_refused(tmp_path, caps
     size or seed would repeat or skip images, so it is refused in one line naming the values;
     at an epoch's end the next epoch starts afresh, and another batch size is taken."""
     assert command(tiny(tmp_path, epochs=2, max_steps=1)) == 0  # last.pt: step 1 of epoch 1
+    # Ended mid-epoch by max_steps: the training row and the 10-patch row both say epoch 1.
+    assert {(r["step"], r["epoch"]) for r in rows(tmp_path)} == {(1, 1)}
+    assert any(TEN_TOP1 in r for r in rows(tmp_path))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     for changed, line in (
         ({"batch_size": 4}, "train.batch_size is 2 in the checkpoint, 4 in this run"),
@@ -178,8 +181,11 @@ def test_resuming_mid_epoch_with_another_batch_or_seed_is_refused(tmp_path, caps
         )
         assert line in error and "resume with train." in error, error
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # untouched
+    capsys.readouterr()
     assert command(tiny(tmp_path, epochs=2, max_steps=2, resume="latest")) == 0  # epoch's end
+    assert "last.pt at step 1, epoch 1 with 1 of its steps done" in capsys.readouterr().out
     assert command(tiny(tmp_path, epochs=2, batch_size=4, resume="latest")) == 0
+    assert "at step 2, the end of epoch 1 (read by rank 0" in capsys.readouterr().out
     assert max(r["step"] for r in rows(tmp_path)) == 3  # epoch 2: one step of 4 images
 
 

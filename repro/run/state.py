@@ -40,6 +40,17 @@ class Position:
     step_in_epoch: int = 0
     step: int = 0
 
+    def where(self) -> str:
+        """The position as the rows and progress bars count epochs (from 1)."""
+        if self.step_in_epoch:
+            return f"step {self.step}, epoch {self.epoch + 1} with {self.step_in_epoch} of its steps done"
+        return f"step {self.step}, the end of epoch {self.epoch}"
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch the latest step belongs to, counted from 1 as the rows count it."""
+        return self.epoch + (1 if self.step_in_epoch else 0)
+
 
 @dataclass
 class Run:
@@ -97,7 +108,7 @@ def resume(run: Run) -> bool:
             path, state, run.model, run.optimizer, run.schedule, run.train_data.class_names, run.cfg
         )
         run.say(
-            f"repro: resumed from {path} at epoch {run.pos.epoch}, step {run.pos.step} "
+            f"repro: resumed from {path} at {run.pos.where()} "
             f"(read by rank 0, sent to all {run.layout.world_size} rank(s))"
         )
     return True

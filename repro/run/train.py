@@ -325,7 +325,7 @@ def ten_patch_evaluation(run: Run, stop: StopRequest) -> bool:
         "ten_patch_top5_error": result["top5_error"],
     }
     run.last = {**run.last, **ten_patch}
-    run.tracker.log({"epoch": run.pos.epoch, **ten_patch}, run.pos.step)
+    run.tracker.log({"epoch": run.pos.last_epoch, **ten_patch}, run.pos.step)
     run.say(
         f"repro: 10-patch top-1 error {result['top1_error']:.2f}%, "
         f"top-5 {result['top5_error']:.2f}%"

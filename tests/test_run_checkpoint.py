@@ -2,7 +2,7 @@
 half-way leaves the previous file loadable; every unusable file is a one-line CheckpointError;
 `latest` picks the highest step recorded inside the files (not names, not file times);
 retention keeps the highest steps; differing class names are named; momentum saved in one
-memory format resumes in the other."""
+memory format resumes in the other; a used run folder is described with its checkpoint count."""
 
 from __future__ import annotations
 
@@ -278,3 +278,23 @@ def test_momentum_resumes_in_the_other_memory_format() -> None:
         for name, p in got.named_parameters():
             assert opt.state[p]["momentum_buffer"].stride() == p.stride(), name
         torch.testing.assert_close(dict(got.named_parameters()), dict(ref.named_parameters()))
+
+
+def test_a_used_folder_is_described_with_its_checkpoint_count(tmp_path: Path) -> None:
+    """The refusal of a fresh run into a used folder lists the newest names under their count."""
+    from repro.run.rundir import holds_a_run
+
+    assert holds_a_run(tmp_path) == ""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    names = ["best.pt", *(f"epoch000{e}_step0000{e}0.pt" for e in (1, 2, 3)), "last.pt"]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    assert holds_a_run(tmp_path) == (
+        "5 checkpoint(s): ..., epoch0002_step000020.pt, epoch0003_step000030.pt, last.pt"
+    )
+    for name in names[:2]:
+        (folder / name).unlink()
+    assert holds_a_run(tmp_path) == (
+        "3 checkpoint(s): epoch0002_step000020.pt, epoch0003_step000030.pt, last.pt"
+    )

@@ -140,7 +140,8 @@ def holds_a_run(run_dir: Path) -> str:
     folder = ckpt.checkpoint_dir(run_dir)
     saved = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
     if saved:
-        found.append(f"{len(saved)} checkpoint(s): {', '.join(saved[-3:])}")
+        shown = ", ".join(saved[-3:]) if len(saved) <= 3 else f"..., {', '.join(saved[-3:])}"
+        found.append(f"{len(saved)} checkpoint(s): {shown}")
     return "; ".join(found)
 
 

@@ -50,9 +50,18 @@ def root_of(cfg: DataConfig, layout: Layout | None = None) -> Path:
 
 
 def _write_digits(cfg: DataConfig, root: Path) -> None:
-    if not (root / "train").is_dir():
+    from repro.data.prepare import PrepareError, output_problem
+
+    digits = not (root / "train").is_dir()
+    stats = not cfg.stats and not (root / "stats.npz").is_file()
+    problem = output_problem(root, beside=digits) if digits or stats else None
+    if problem is not None:  # before the work: a raw OSError would blame the run folder
+        raise DataError(
+            f"data.root {root} {problem}: data.source=digits writes scikit-learn's digits and "
+            "their statistics there when missing; set data.root to a folder you can write to"
+        )
+    if digits:
         from repro.data.convert import write_digits  # here: only this source writes
-        from repro.data.prepare import PrepareError
 
         try:
             write_digits(root, val_fraction=cfg.val_fraction, seed=0)
@@ -62,7 +71,7 @@ def _write_digits(cfg: DataConfig, root: Path) -> None:
                 "already holds other files: set data.root to a new folder, or replace them "
                 f"with `python launch/prepare_data.py digits {root} --overwrite`"
             ) from None
-    if not cfg.stats and not (root / "stats.npz").is_file():
+    if stats:
         # The demo set's own mean and PCA (§3: from the training set's pixels); 1.4k tiny
         # images take about a second, so the demo needs no separate preparation step.
         from repro.data.stats import compute_stats

@@ -369,6 +369,13 @@ def batch_examples(b: int, unit: int) -> str:
     return " or ".join(f"train.batch_size={n}" for n in nearest)
 
 
+def batch_unit(towers: int, replicas: int, parallel: str) -> int:
+    """What train.batch_size must be a multiple of: replicas x towers under 'towers' (each
+    replica's share split over its tower ranks), else a multiple of both the K ranks (each
+    its own share) and the towers (validate()'s rule)."""
+    return replicas * towers if parallel == "towers" else math.lcm(replicas, towers)
+
+
 def validate_for_layout(cfg: Config, replicas: int) -> None:
     """At run time: the global batch must split evenly over replicas and then over towers.
 
@@ -378,7 +385,7 @@ def validate_for_layout(cfg: Config, replicas: int) -> None:
     """
     if cfg.train.parallel != "towers":
         return _validate_per_rank_scheme(cfg, replicas)
-    unit = replicas * cfg.model.towers
+    unit = batch_unit(cfg.model.towers, replicas, "towers")
     if cfg.train.batch_size % unit:
         b = cfg.train.batch_size
         raise ConfigError(
@@ -393,7 +400,7 @@ def _validate_per_rank_scheme(cfg: Config, ranks: int) -> None:
     'owt' also gives each rank 1/K of fc8's classes (and of fc6/fc7's units), at least one."""
     b, p = cfg.train.batch_size, cfg.train.parallel
     if b % ranks:
-        unit = math.lcm(ranks, cfg.model.towers)  # what validate() asks too: a suggestion that fits
+        unit = batch_unit(cfg.model.towers, ranks, p)  # a suggestion validate() takes too
         raise ConfigError(
             f"train.batch_size = {b} cannot be split over {ranks} ranks (train.parallel={p}: "
             f"each rank takes its own images): it must be a multiple of {ranks}, e.g. "

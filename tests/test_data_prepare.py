@@ -16,6 +16,7 @@ tiny data made here in the real formats.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import os
@@ -537,6 +538,30 @@ def test_the_demo_into_a_folder_it_cannot_write_names_data_root(tmp_path):
         assert str(refused.value).startswith(f"data.root {root} {problem}")
         assert "set data.root to a folder you can write to" in str(refused.value)
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize(
+    "config, how",
+    [
+        ("flowers", "make it from class folders PHOTOS/<class>/*.jpg (e.g. flower_photos/) with "
+         "`python launch/prepare_data.py split PHOTOS {root}`, or set data.root=FOLDER"),
+        ("cifar10", "`python launch/prepare_data.py cifar10 cifar-10-batches-py {root}`"),
+        ("cifar100", "`python launch/prepare_data.py cifar100 cifar-100-python {root}`"),
+        ("fashion_mnist", "`python launch/prepare_data.py fashion-mnist FOLDER {root}`"),
+        ("paper", "set data.root=FOLDER, the folder holding ImageNet's train/<wnid>/*.JPEG"),
+    ],
+)  # fmt: skip
+def test_a_missing_data_root_says_how_to_make_it(tmp_path, config, how):
+    """Each shipped config's data root, missing: the line names the prepare_data command
+    that makes that set there (README "Tools"), or how to point data.root elsewhere."""
+    from repro.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml").data
+    root = tmp_path / Path(cfg.root).name  # the config's folder name, surely missing
+    with pytest.raises(DataError) as missing:
+        sets.root_of(dataclasses.replace(cfg, root=str(root)))
+    assert str(missing.value).startswith(f"data.root {root} does not exist: ")
+    assert how.format(root=root) in str(missing.value)
 
 
 # --- check and stats hand over to their modules -----------------------------------------------

@@ -45,8 +45,35 @@ def root_of(cfg: DataConfig, layout: Layout | None = None) -> Path:
     if cfg.source == "digits":
         on_main(layout, lambda: _write_digits(cfg, root))  # the other ranks wait for it
     if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist")
+        raise DataError(f"data.root {root} does not exist: {_how_to_make(cfg.source, root)}")
     return root
+
+
+# A data root named like a set prepare_data converts -> (what it is made from, the command).
+_CONVERTED = (
+    ("cifar100", "the extracted cifar-100-python/", "cifar100 cifar-100-python"),
+    ("cifar10", "the extracted cifar-10-batches-py/", "cifar10 cifar-10-batches-py"),
+    ("fashion", "a folder of Fashion-MNIST's four idx files", "fashion-mnist FOLDER"),
+    ("digits", "scikit-learn (no download)", "digits"),
+)
+
+
+def _how_to_make(source: str, root: Path) -> str:
+    """How to make a missing data root, as the rest of its error line (README "Tools")."""
+    if source == "imagenet":
+        return (
+            "set data.root=FOLDER, the folder holding ImageNet's train/<wnid>/*.JPEG and its "
+            "flat val/*.JPEG (ILSVRC2012's tarballs, extracted)"
+        )
+    name = root.name.lower()
+    made_from, command = next(
+        ((what, cmd) for key, what, cmd in _CONVERTED if key in name),
+        ("class folders PHOTOS/<class>/*.jpg (e.g. flower_photos/)", "split PHOTOS"),
+    )
+    return (
+        f"make it from {made_from} with `python launch/prepare_data.py {command} {root}`, "
+        "or set data.root=FOLDER"
+    )
 
 
 def _write_digits(cfg: DataConfig, root: Path) -> None:

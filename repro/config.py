@@ -307,6 +307,12 @@ def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
     def where(key: str) -> str:
         return origins if isinstance(origins, str) else origins.get(key, "defaults")
 
+    def set_where(key: str) -> str:  # the origin of a value another key's rule names
+        origin = where(key)
+        if origin == "defaults":
+            return "the default"
+        return f"set {'on the' if origin == COMMAND_LINE else 'in'} {origin}"
+
     problems: list[str] = []
 
     def bad(key: str, rule: str) -> None:
@@ -331,12 +337,13 @@ def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
     if m.image_size != d.crop:
         bad(
             "model.image_size",
-            f"must equal data.crop = {d.crop} ({where('data.crop')}): the net sees the crop",
+            f"must equal data.crop = {d.crop} ({set_where('data.crop')}): the net sees the crop",
         )
     if m.towers in (1, 2) and t.batch_size % m.towers:
         bad(
             "train.batch_size",
-            f"must be divisible by model.towers = {m.towers} ({where('model.towers')})",
+            f"must be divisible by model.towers = {m.towers} ({set_where('model.towers')}), "
+            f"e.g. {batch_examples(t.batch_size, m.towers)}",
         )
     if d.root == "" and d.source in ("folders", "imagenet"):
         bad("data.root", f"must name the data folder for data.source = {d.source!r}")
@@ -356,6 +363,19 @@ def validate(cfg: Config, origins: dict[str, str] | str = "defaults") -> None:
         raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
 
 
+def batch_examples(b: int, unit: int) -> str:
+    """'train.batch_size=X or train.batch_size=Y': the multiples of unit nearest to b."""
+    nearest = sorted({max(unit, b - b % unit), b - b % unit + unit})
+    return " or ".join(f"train.batch_size={n}" for n in nearest)
+
+
+def batch_unit(towers: int, replicas: int, parallel: str) -> int:
+    """What train.batch_size must be a multiple of: replicas x towers under 'towers' (each
+    replica's share split over its tower ranks), else a multiple of both the K ranks (each
+    its own share) and the towers (validate()'s rule)."""
+    return replicas * towers if parallel == "towers" else math.lcm(replicas, towers)
+
+
 def validate_for_layout(cfg: Config, replicas: int) -> None:
     """At run time: the global batch must split evenly over replicas and then over towers.
 
@@ -365,14 +385,13 @@ def validate_for_layout(cfg: Config, replicas: int) -> None:
     """
     if cfg.train.parallel != "towers":
         return _validate_per_rank_scheme(cfg, replicas)
-    unit = replicas * cfg.model.towers
+    unit = batch_unit(cfg.model.towers, replicas, "towers")
     if cfg.train.batch_size % unit:
         b = cfg.train.batch_size
-        nearest = sorted({max(unit, b - b % unit), b - b % unit + unit})
         raise ConfigError(
             f"train.batch_size = {b} cannot be split over {replicas} replica(s) x "
             f"{cfg.model.towers} tower(s): it must be a multiple of {unit}, e.g. "
-            + " or ".join(f"train.batch_size={n}" for n in nearest)
+            + batch_examples(b, unit)
         )
 
 
@@ -381,12 +400,11 @@ def _validate_per_rank_scheme(cfg: Config, ranks: int) -> None:
     'owt' also gives each rank 1/K of fc8's classes (and of fc6/fc7's units), at least one."""
     b, p = cfg.train.batch_size, cfg.train.parallel
     if b % ranks:
-        unit = math.lcm(ranks, cfg.model.towers)  # what validate() asks too: a suggestion that fits
-        nearest = sorted({max(unit, b - b % unit), b - b % unit + unit})
+        unit = batch_unit(cfg.model.towers, ranks, p)  # a suggestion validate() takes too
         raise ConfigError(
             f"train.batch_size = {b} cannot be split over {ranks} ranks (train.parallel={p}: "
             f"each rank takes its own images): it must be a multiple of {ranks}, e.g. "
-            + " or ".join(f"train.batch_size={n}" for n in nearest)
+            + batch_examples(b, unit)
         )
     m = cfg.model
     units = min(m.num_classes, m.fc_width * m.towers)

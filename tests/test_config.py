@@ -130,7 +130,13 @@ ERRORS = [
     (["optim.lr=.inf"], ["optim.lr", "finite"]),
     (["optim.momentum=1.0"], ["optim.momentum", "[0, 1)"]),
     (["optim.weight_decay=-1e-4"], ["optim.weight_decay", ">= 0"]),
-    (["train.batch_size=129"], ["train.batch_size", "divisible by model.towers = 2"]),
+    (
+        ["train.batch_size=129"],
+        [
+            "train.batch_size",
+            "divisible by model.towers = 2 (the default), e.g. train.batch_size=128",
+        ],
+    ),
     (["train.epochs=0"], ["train.epochs", ">= 1"]),
     (["model.dropout=1"], ["model.dropout", "[0, 1)"]),
     (["model.num_classes=1"], ["model.num_classes", ">= 2"]),
@@ -157,6 +163,18 @@ def test_each_mistake_is_a_config_error_naming_key_and_place(overrides, needles)
         load_config(None, [*ROOT, *overrides])
     for needle in needles:
         assert needle in str(info.value), str(info.value)
+
+
+def test_an_indivisible_batch_names_each_origin_and_the_nearest_valid_values() -> None:
+    """The batch from the command line, the tower count from the file: each named as such."""
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "demo.yaml", ["train.batch_size=63"])
+    assert str(info.value) == (
+        "command line: train.batch_size = 63: must be divisible by model.towers = 2 (set in "
+        f"{CONFIGS / 'demo.yaml'}), e.g. train.batch_size=62 or train.batch_size=64"
+    )
+    with pytest.raises(ConfigError, match=r"= 2 \(set on the command line\), e\.g\. .*=2 or"):
+        load_config(None, [*ROOT, "model.towers=2", "train.batch_size=3"])
 
 
 def test_choice_error_suggests_the_closest() -> None:

@@ -332,8 +332,17 @@ def test_layout_errors_name_the_problem(tmp_path):
     with pytest.raises(data.DataError, match=r"class folder .*dog holds no images"):
         data.build_train_loader(config(tmp_path), layout, 1, 0)
     write_image(tmp_path / "train" / "dog" / "a.jpg", 0, np.random.default_rng(0))
-    with pytest.raises(data.DataError, match="cannot fill one global batch of 4"):
+    with pytest.raises(data.DataError) as too_few:  # the key and the largest value that fits
         data.build_train_loader(config(tmp_path), layout, 4, 0)
+    assert str(too_few.value) == (
+        f"{tmp_path}: 2 training images cannot fill one global batch of train.batch_size = 4; "
+        "set train.batch_size=2 or lower (a multiple of 2)"
+    )
+    two_replicas = dataclasses.replace(layout, replicas=2)  # 2 x 2 towers: no batch under 4
+    with pytest.raises(
+        data.DataError, match="smallest train.batch_size this layout can split is 4"
+    ):
+        data.build_train_loader(config(tmp_path), two_replicas, 2, 0)
     with pytest.raises(data.DataError, match=r"val does not exist"):
         data.build_eval_loader(config(tmp_path), layout, 4)
     (tmp_path / "val" / "cow").mkdir(parents=True)

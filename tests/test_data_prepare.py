@@ -7,13 +7,16 @@ images land in their ground-truth class folder; the digits, Fashion-MNIST and CI
 write the right counts, class names and pixels, skip a finished tree and never leave a half
 one; and each bad input ends the command with exit code 2 and one line saying why, or
 with its traceback given --traceback, before the sub-command or after it; a refused
-destination names --overwrite (or, for the demo's data.root, the command to run).
+destination names --overwrite (or, for the demo's data.root, the command to run); an output
+that is a file, lies under one or takes no new entries is named, as the argument it came
+from, before any work.
 Commands run as a user runs them (`python launch/prepare_data.py ...` from the repo root), on
 tiny data made here in the real formats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import os
@@ -447,6 +450,118 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, fragments):
     result = cli(*[a.format(tmp=tmp_path) for a in args])
     assert_error(result, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+PROC = "/proc/self/fdinfo"  # a folder that takes no new entries, even for root (Linux)
+needs_proc = pytest.mark.skipif(not os.path.isdir(PROC), reason="needs Linux's /proc")
+FILE_IS_THERE = "exists and is not a folder; choose another folder"
+FILE_ON_THE_WAY = "cannot be made: {tmp}/afile is a file, not a folder; choose another folder"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["digits", "{tmp}/afile"], "output folder {tmp}/afile " + FILE_IS_THERE),
+        (["digits", "{tmp}/afile/d"], "output folder {tmp}/afile/d " + FILE_ON_THE_WAY),
+        pytest.param(
+            ["digits", f"{PROC}/d"],
+            f"output folder {PROC}/d cannot be written: {PROC} takes no new entries",
+            marks=needs_proc,
+        ),
+        (["split", "{tmp}/photos", "{tmp}/afile"], "output folder {tmp}/afile " + FILE_IS_THERE),
+        (
+            ["split", "{tmp}/photos", "{tmp}/afile/x"],
+            "output folder {tmp}/afile/x " + FILE_ON_THE_WAY,
+        ),
+        (["resize", "{tmp}/photos", "{tmp}/afile"], "output folder {tmp}/afile " + FILE_IS_THERE),
+        (
+            ["resize", "{tmp}/photos", "{tmp}/afile/x"],
+            "output folder {tmp}/afile/x " + FILE_ON_THE_WAY,
+        ),
+        (
+            ["fashion-mnist", "{tmp}/photos", "{tmp}/afile/x"],
+            "output folder {tmp}/afile/x " + FILE_ON_THE_WAY,
+        ),
+        (
+            [
+                "imagenet-val",
+                "{tmp}/val",
+                "{tmp}/ILSVRC2012_validation_ground_truth.txt",
+                "{tmp}/synsets.txt",
+                "--dst",
+                "{tmp}/afile",
+            ],
+            "--dst folder {tmp}/afile " + FILE_IS_THERE,
+        ),
+        (
+            ["stats", "{tmp}/photos", "--out", "{tmp}/afile/s.npz"],
+            "--out {tmp}/afile/s.npz: its folder {tmp}/afile exists and is not a folder",
+        ),
+        (
+            ["stats", "{tmp}/photos", "--out", "{tmp}/photos"],
+            "--out {tmp}/photos is a folder: name a file, e.g. {tmp}/photos/stats.npz",
+        ),
+        pytest.param(
+            ["check", PROC],
+            f"image folder {PROC} takes no new entries",
+            marks=needs_proc,
+        ),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_named_before_any_work(
+    tmp_path, capsys, args, expected
+):
+    """An output folder that is a file, lies under a file or takes no new entries: one line
+    naming the argument and what is wrong (no errno, no staging path), and nothing written."""
+    make_photos(tmp_path / "photos")
+    make_imagenet_val(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    before = sorted(tmp_path.rglob("*"))
+    assert load_launch().main([a.format(tmp=tmp_path) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("prepare_data: error: ")
+    assert expected.format(tmp=tmp_path) in lines[0]
+    assert "Errno" not in lines[0] and ".partial" not in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_the_demo_into_a_folder_it_cannot_write_names_data_root(tmp_path):
+    """data.source=digits writes into data.root: one that cannot be written is bad input
+    (DataError: exit 2) naming data.root, not an OSError that blames the run folder."""
+    (tmp_path / "afile").write_text("mine")
+    roots = {tmp_path / "afile" / "d": f"cannot be made: {tmp_path / 'afile'} is a file"}
+    if os.path.isdir(PROC):
+        roots[Path(PROC) / "d"] = f"cannot be written: {PROC} takes no new entries"
+    for root, problem in roots.items():
+        with pytest.raises(DataError) as refused:
+            sets.root_of(DataConfig(source="digits", root=str(root)))
+        assert str(refused.value).startswith(f"data.root {root} {problem}")
+        assert "set data.root to a folder you can write to" in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize(
+    "config, how",
+    [
+        ("flowers", "make it from class folders PHOTOS/<class>/*.jpg (e.g. flower_photos/) with "
+         "`python launch/prepare_data.py split PHOTOS {root}`, or set data.root=FOLDER"),
+        ("cifar10", "`python launch/prepare_data.py cifar10 cifar-10-batches-py {root}`"),
+        ("cifar100", "`python launch/prepare_data.py cifar100 cifar-100-python {root}`"),
+        ("fashion_mnist", "`python launch/prepare_data.py fashion-mnist FOLDER {root}`"),
+        ("paper", "set data.root=FOLDER, the folder holding ImageNet's train/<wnid>/*.JPEG"),
+    ],
+)  # fmt: skip
+def test_a_missing_data_root_says_how_to_make_it(tmp_path, config, how):
+    """Each shipped config's data root, missing: the line names the prepare_data command
+    that makes that set there (README "Tools"), or how to point data.root elsewhere."""
+    from repro.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml").data
+    root = tmp_path / Path(cfg.root).name  # the config's folder name, surely missing
+    with pytest.raises(DataError) as missing:
+        sets.root_of(dataclasses.replace(cfg, root=str(root)))
+    assert str(missing.value).startswith(f"data.root {root} does not exist: ")
+    assert how.format(root=root) in str(missing.value)
 
 
 # --- check and stats hand over to their modules -----------------------------------------------

@@ -46,6 +46,8 @@ def _converter(which: str):
 
 def _check(a: argparse.Namespace) -> int:
     root = prepare.require_dir(Path(a.root), "image folder")
+    fix = f"check writes its list to {root / 'bad_files.txt'}, where the loaders read it"
+    prepare.require_output(root, "image folder", fix=fix)  # before the work, not after it
     from repro.data.check import find_bad_images  # here: the other commands work without it
 
     bad = find_bad_images(root, progress=True, max_pixels=a.max_pixels)
@@ -65,6 +67,15 @@ def _resize(a: argparse.Namespace) -> int:
 
 def _stats(a: argparse.Namespace) -> int:
     root = prepare.require_dir(Path(a.root), "image folder")
+    if a.out is None:
+        prepare.require_output(root, "image folder", fix="pass --out FILE to write elsewhere")
+    elif Path(a.out).is_dir():
+        raise prepare.PrepareError(
+            f"--out {a.out} is a folder: name a file, e.g. {a.out}/stats.npz"
+        )
+    else:
+        out = Path(a.out)
+        prepare.require_output(out.parent, f"--out {out}: its folder", fix="choose another file")
     from repro.data.stats import compute_stats  # here: the other commands work without it
 
     stats = compute_stats(root, out=a.out, sample=a.sample, resize=a.resize, seed=a.seed)

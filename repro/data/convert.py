@@ -29,7 +29,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from repro.data.prepare import SPLITS, PrepareError, check_fraction, require_dir, split_class
+from repro.data.prepare import (
+    SPLITS,
+    PrepareError,
+    check_fraction,
+    require_dir,
+    require_output,
+    split_class,
+)
 
 MARKER = ".complete.json"
 
@@ -107,11 +114,10 @@ def _existing(
         problem = f"it holds {marker.get('tool')} with {marker.get('params')}"
     elif dst.is_dir() and any(dst.iterdir()):
         problem = f"it is not empty and has no {MARKER} marker"
-    elif dst.exists() and not dst.is_dir():
-        raise PrepareError(f"destination {dst} exists and is not a folder")
     else:
-        return None
-    if overwrite:
+        problem = None
+    if problem is None or overwrite:
+        require_output(dst, beside=True)  # written through a staging folder beside it
         return None
     raise PrepareError(
         f"destination {dst} exists and {problem}; asked for {tool} with {params}. "

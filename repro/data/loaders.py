@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from repro.config import DataConfig
+from repro.config import DataConfig, batch_unit
 from repro.data import augment
 from repro.data.folders import DataError, ImageSet, class_folders, scan_class_folders
 from repro.data.sets import root_of, train_set, val_set
@@ -147,9 +147,17 @@ class TrainLoader:
         self.global_batch = batch_size * layout.replicas
         self.steps_per_epoch = len(images.paths) // self.global_batch
         if self.steps_per_epoch == 0:
+            n = len(images.paths)
+            unit = batch_unit(layout.towers, layout.replicas, layout.parallel)
+            fix = (
+                f"set train.batch_size={n - n % unit} or lower (a multiple of {unit})"
+                if n >= unit
+                else f"the smallest train.batch_size this layout can split is {unit}: add "
+                "training images, or run fewer ranks"
+            )
             raise DataError(
-                f"{images.root}: {len(images.paths)} training images cannot fill one global "
-                f"batch of {self.global_batch}; lower the batch size"
+                f"{images.root}: {n} training images cannot fill one global batch of "
+                f"train.batch_size = {self.global_batch}; {fix}"
             )
         self.class_names = images.class_names
         self.channels_last = channels_last

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,42 @@ def require_file(path: Path, what: str) -> Path:
     """Return path if it is an existing file, else raise a PrepareError naming it."""
     if not path.is_file():
         raise PrepareError(f"{what} {path} does not exist" + (" as a file" * path.exists()))
+    return path
+
+
+def output_problem(path: Path, beside: bool = False) -> str | None:
+    """Why this process cannot write into the folder `path` (making it and any missing
+    parents first), as words to follow the path; None when it can.
+
+    beside: the writer also puts a staging folder next to path and renames it into place,
+    so path's parent must take new entries too. Writing is tried, by making and removing a
+    hidden folder: permission bits miss read-only mounts, /proc and /sys, and root's rights.
+    """
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "exists and is not a folder"
+    place = path.parent if beside else path
+    existing = next(p for p in (place, *place.parents) if os.path.lexists(p))
+    if not os.path.isdir(existing):
+        return f"cannot be made: {existing} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".repro-write-test-", dir=existing))
+    except OSError as err:
+        refused = f"takes no new entries ({err.strerror})"
+        return refused if existing == path else f"cannot be written: {existing} {refused}"
+    return None
+
+
+def require_output(
+    path: Path,
+    what: str = "output folder",
+    beside: bool = False,
+    fix: str = "choose another folder",
+) -> Path:
+    """Return path if this process can write into it as a folder (`output_problem`), else
+    raise a PrepareError naming `what`, the path, what is wrong and `fix`; creates nothing."""
+    problem = output_problem(path, beside)
+    if problem is not None:
+        raise PrepareError(f"{what} {path} {problem}; {fix}")
     return path
 
 
@@ -214,6 +251,7 @@ def split_folders(
     require_dir(src, "source folder")
     if dst.resolve().is_relative_to(src.resolve()):
         raise PrepareError(f"destination {dst} lies inside source {src}; choose one outside it")
+    require_output(dst)
     classes = _class_files(src, verbose)
 
     plan: dict[tuple[str, str], str] = {}
@@ -398,9 +436,11 @@ def arrange_imagenet_val(
                 f"{flat[index]} and {placed[index]} both exist and differ; remove the wrong one"
             )
 
+    todo = sorted(flat.keys() - placed.keys())
+    if todo or both or not all((dst / wnid).is_dir() for wnid in wnids):  # else nothing to write
+        require_output(dst, "validation folder" if dst == val_dir else "--dst folder")
     for wnid in wnids:
         (dst / wnid).mkdir(parents=True, exist_ok=True)
-    todo = sorted(flat.keys() - placed.keys())
     verb = "copy" if copy else "move"
     for index in tqdm(todo, desc=f"{verb} -> {dst}", unit="img", disable=not (verbose and todo)):
         source, target = flat[index], dst / wnid_of[index] / flat[index].name

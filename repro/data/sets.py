@@ -45,14 +45,50 @@ def root_of(cfg: DataConfig, layout: Layout | None = None) -> Path:
     if cfg.source == "digits":
         on_main(layout, lambda: _write_digits(cfg, root))  # the other ranks wait for it
     if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist")
+        raise DataError(f"data.root {root} does not exist: {_how_to_make(cfg.source, root)}")
     return root
 
 
+# A data root named like a set prepare_data converts -> (what it is made from, the command).
+_CONVERTED = (
+    ("cifar100", "the extracted cifar-100-python/", "cifar100 cifar-100-python"),
+    ("cifar10", "the extracted cifar-10-batches-py/", "cifar10 cifar-10-batches-py"),
+    ("fashion", "a folder of Fashion-MNIST's four idx files", "fashion-mnist FOLDER"),
+    ("digits", "scikit-learn (no download)", "digits"),
+)
+
+
+def _how_to_make(source: str, root: Path) -> str:
+    """How to make a missing data root, as the rest of its error line (README "Tools")."""
+    if source == "imagenet":
+        return (
+            "set data.root=FOLDER, the folder holding ImageNet's train/<wnid>/*.JPEG and its "
+            "flat val/*.JPEG (ILSVRC2012's tarballs, extracted)"
+        )
+    name = root.name.lower()
+    made_from, command = next(
+        ((what, cmd) for key, what, cmd in _CONVERTED if key in name),
+        ("class folders PHOTOS/<class>/*.jpg (e.g. flower_photos/)", "split PHOTOS"),
+    )
+    return (
+        f"make it from {made_from} with `python launch/prepare_data.py {command} {root}`, "
+        "or set data.root=FOLDER"
+    )
+
+
 def _write_digits(cfg: DataConfig, root: Path) -> None:
-    if not (root / "train").is_dir():
+    from repro.data.prepare import PrepareError, output_problem
+
+    digits = not (root / "train").is_dir()
+    stats = not cfg.stats and not (root / "stats.npz").is_file()
+    problem = output_problem(root, beside=digits) if digits or stats else None
+    if problem is not None:  # before the work: a raw OSError would blame the run folder
+        raise DataError(
+            f"data.root {root} {problem}: data.source=digits writes scikit-learn's digits and "
+            "their statistics there when missing; set data.root to a folder you can write to"
+        )
+    if digits:
         from repro.data.convert import write_digits  # here: only this source writes
-        from repro.data.prepare import PrepareError
 
         try:
             write_digits(root, val_fraction=cfg.val_fraction, seed=0)
@@ -62,7 +98,7 @@ def _write_digits(cfg: DataConfig, root: Path) -> None:
                 "already holds other files: set data.root to a new folder, or replace them "
                 f"with `python launch/prepare_data.py digits {root} --overwrite`"
             ) from None
-    if not cfg.stats and not (root / "stats.npz").is_file():
+    if stats:
         # The demo set's own mean and PCA (§3: from the training set's pixels); 1.4k tiny
         # images take about a second, so the demo needs no separate preparation step.
         from repro.data.stats import compute_stats

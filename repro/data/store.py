@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repro.data import imagecheck
-from repro.data.prepare import PrepareError, require_dir
+from repro.data.prepare import PrepareError, require_dir, require_output
 
 MARKER = ".store.json"
 JPEG_ENDINGS = (".jpg", ".jpeg", ".jpe")
@@ -107,6 +107,7 @@ def resize_store(
     if size < 1 or not 1 <= quality <= 100:
         raise PrepareError(f"need size >= 1 and quality in 1..100, got {size} and {quality}")
     _check_places(src, dst)
+    require_output(dst)
     threads = threads or os.cpu_count() or 1
     _check_marker(dst, {"src": str(src.resolve()), "size": size, "quality": quality})
 

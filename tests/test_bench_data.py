@@ -6,7 +6,9 @@ whose figures are consistent (one images/s per round and contender, medians and 
 them, per core = median / workers, each ratio the median of the rounds' DALI / DataLoader
 pairs, gather bytes = half a batch of uint8 224^2 patches) beside the machine, versions,
 git revision and load; --wait reports a data-wait share in (0, 1); `--help` shows examples;
-the DataLoader side yields what DALI yields in shape, dtype and value range.
+the DataLoader side yields what DALI yields in shape, dtype and value range; every bench
+sub-command refuses a count that would crash or be replaced (0 steps, rounds, workers...) at
+the command line, and the made photos may be small.
 """
 
 from __future__ import annotations
@@ -109,3 +111,24 @@ def test_dali_side_ignores_the_folders_own_statistics(tmp_path):
     with contender.round() as batches:
         images, labels = next(batches)[:2]
     assert tuple(images.shape)[0] == 2 and len(labels) == 2
+
+
+def test_counts_that_would_crash_or_be_replaced_are_refused_at_the_command_line(capsys, tmp_path):
+    """A 0 divided by zero deep in a run, or silently became the default (--rounds 0 -> 3)."""
+    for argv, said in (
+        (["train", "--tiny", "--layouts", "0"], "argument --layouts: must be >= 1, got 0"),
+        (["train", "--tiny", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["train", "--tiny", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+        (["infer", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["train", "--classes", "1"], "argument --classes: must be >= 2, got 1"),
+        (["exchange", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["data", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
+        (["data", "--batches", "x"], "argument --batches: expected a whole number, got 'x'"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            load_launcher().main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(said), argv
+    # Photos narrower than 40 px drew their ellipses' radius from an empty range.
+    root = bench_data.make_jpegs(tmp_path, images=2, size=(10, 10))
+    assert len(list((root / "train").rglob("*.jpg"))) == 2

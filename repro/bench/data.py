@@ -72,7 +72,7 @@ def make_jpegs(
         image = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
         draw = ImageDraw.Draw(image)
         for _ in range(8):
-            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, w / 4)
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(min(10, w / 4), w / 4)
             colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
             draw.ellipse([x - r, y - 0.7 * r, x + r, y + 0.7 * r], fill=colour)
         image.filter(ImageFilter.GaussianBlur(2)).save(folder / f"{i:05d}.jpg", quality=90)
@@ -266,16 +266,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLE
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--root", help="data set with train/<class>/*.jpg (default: make one)")
-    parser.add_argument("--images", type=int, default=256, help="JPEGs to make without --root")
-    parser.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    parser.add_argument(
+        "--images", type=kit.at_least(1), default=256, help="JPEGs to make without --root"
+    )
+    parser.add_argument(
+        "--size", type=kit.at_least(1), nargs=2, default=(500, 375), metavar=("W", "H")
+    )
     parser.add_argument("--prepared", action="store_true", help="also the 256x256 store of it")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=10, help="alternated rounds")
-    parser.add_argument("--batches", type=int, default=4, help="timed batches per round")
+    parser.add_argument("--workers", type=kit.at_least(1), default=os.cpu_count() or 1)
+    parser.add_argument("--batch", type=kit.at_least(1), default=64)
+    parser.add_argument("--rounds", type=kit.at_least(1), default=10, help="alternated rounds")
+    parser.add_argument(
+        "--batches", type=kit.at_least(1), default=4, help="timed batches per round"
+    )
     parser.add_argument("--wait", nargs="*", default=[], metavar="CONFIG", help="data-wait share")
-    parser.add_argument("--wait-steps", type=int, default=10, help="timed steps of --wait")
-    parser.add_argument("--wait-batch", type=int, default=0, help="batch of --wait (0: config's)")
+    parser.add_argument(
+        "--wait-steps", type=kit.at_least(1), default=10, help="timed steps of --wait"
+    )
+    parser.add_argument(
+        "--wait-batch", type=kit.at_least(0), default=0, help="batch of --wait (0: config's)"
+    )
     parser.add_argument("--out", default="runs/bench/data.json", help="JSON file of the figures")
 
 

@@ -39,18 +39,25 @@ from repro.config import ModelConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--batch", type=int, default=128 if gpu else 32, help="global batch")
+    parser.add_argument(
+        "--batch", type=benchkit.at_least(1), default=128 if gpu else 32, help="global batch"
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
         "--mode", choices=("train", "infer"), default="train", help="the step measured on 2 ranks"
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="total torch threads, split over 2 ranks (0: cores)"
+        "--threads",
+        type=benchkit.at_least(0),
+        default=0,
+        help="total torch threads, split over 2 ranks (0: cores)",
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="steps per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--warmup", type=benchkit.at_least(0), default=2)
+    parser.add_argument(
+        "--steps", type=benchkit.at_least(1), default=2, help="steps per measurement"
+    )
+    parser.add_argument("--repeats", type=benchkit.at_least(1), default=5)
+    parser.add_argument("--classes", type=benchkit.at_least(2), default=1000)
     parser.add_argument(
         "--bandwidth-gbs",
         type=float,
@@ -64,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile", default="", metavar="DIR", help="also profile the real step: traces to DIR"
     )
     parser.add_argument("--out", help="JSON file (default runs/bench/exchange.json)")
-    parser.add_argument("--per-gpu-batch", type=int, default=128, help="b of the schemes table")
+    parser.add_argument(
+        "--per-gpu-batch", type=benchkit.at_least(1), default=128, help="b of the schemes table"
+    )
 
 
 def volume_rows(

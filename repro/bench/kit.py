@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -31,6 +32,23 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `least` (a count of steps, rounds, images...), so a
+    0 that would divide by zero or silently become a default is refused at the command line."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {least}"
+    return parse
 
 
 def time_region(fn: Callable[[], object], n: int, device: torch.device) -> float:

@@ -287,7 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--schemes", action="store_true", help="data/towers/owt: model + rows on 2 and 4 ranks"
     )
-    parser.add_argument("--per-gpu-batch", type=int, default=128, help="b of the model (OWT: 128)")
+    parser.add_argument(
+        "--per-gpu-batch", type=benchkit.at_least(1), default=128, help="b of the model (OWT: 128)"
+    )
     parser.add_argument(
         "--conv-ms", type=float, help="conv ms per image for the model (else measured)"
     )

@@ -62,11 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--layouts", type=int, nargs="+", help="world sizes (1, 2, 2R); default: all that fit"
+        "--layouts",
+        type=benchkit.at_least(1),
+        nargs="+",
+        help="world sizes (1, 2, 2R); default: all that fit",
     )
     parser.add_argument(
         "--batch",
-        type=int,
+        type=benchkit.at_least(1),
         nargs="+",
         help="global batch sizes (default: 128 512 on GPU; 32 64 on CPU, where a batch-128 "
         "step of the paper's net takes seconds)",
@@ -75,18 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument(
-        "--threads", type=int, default=0, help="total torch threads, split over ranks (0: cores)"
+        "--threads",
+        type=benchkit.at_least(0),
+        default=0,
+        help="total torch threads, split over ranks (0: cores)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="steps before timing (excluded)")
-    parser.add_argument("--steps", type=int, default=3 if gpu else 2, help="steps per measurement")
-    parser.add_argument("--repeats", type=int, default=7 if gpu else 3, help="measurements")
+    parser.add_argument(
+        "--warmup", type=benchkit.at_least(0), default=2, help="steps before timing (excluded)"
+    )
+    parser.add_argument(
+        "--steps", type=benchkit.at_least(1), default=3 if gpu else 2, help="steps per measurement"
+    )
+    parser.add_argument(
+        "--repeats", type=benchkit.at_least(1), default=7 if gpu else 3, help="measurements"
+    )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=benchkit.at_least(1),
         help="fresh runs of every layout, alternated in time, pooled per row (default: 3 on "
         "CPU, where load from other jobs then falls on every layout alike; 1 on GPU, --tiny)",
     )
-    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--classes", type=benchkit.at_least(2), default=1000)
     parser.add_argument(
         "--cpu-memory",
         choices=CHOICES["train.cpu_memory"],
@@ -108,7 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="assumed links for the projection (GB/s one way; NVLink, PCIe)",
     )
     parser.add_argument("--latency-us", type=float, default=10.0, help="per collective")
-    parser.add_argument("--peak-size", type=int, default=0, help="matmul side for the peak")
+    parser.add_argument(
+        "--peak-size", type=benchkit.at_least(0), default=0, help="matmul side for the peak"
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny net and 1-step runs (tests)")
     parser.add_argument(
         "--profile", default="", metavar="DIR", help="also profile each row: traces go to DIR"

@@ -15,7 +15,9 @@ it, saved in the format train.py writes. Proves:
 - every PNG is written at its documented pixel size; the kernel picture is exactly
   repro.run.plots.kernel_grid of conv1 and the colour-specificity score matches its definition;
 - each bad input ends the command with exit code 2 and one line saying why (predict given
-  only paths that do not exist too); --device cuda without a GPU is refused naming --device.
+  only paths that do not exist too); --device cuda without a GPU is refused naming --device;
+  visualize's --out must name a .png (a folder or another ending is refused, nothing written)
+  and its line names the file written.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from repro.net.model import AlexNet
 from repro.run.checkpoint import FORMAT_VERSION, save_checkpoint
 from repro.run.plots import KERNEL_SCALE, figure3_block_origin, kernel_grid
 from repro.tools import report
+from repro.tools.inference import OutputError
 from repro.tools.predict import PLOT_DPI, PLOT_SIZE, patch_picture, predict
 from repro.tools.report import figure_inches
 from repro.tools.visualize import DPI, activation_figsize, colour_specificity
@@ -447,3 +450,25 @@ def test_predict_of_only_missing_paths_is_one_line_and_exit_2(setup, monkeypatch
     assert runpy.run_path(str(ROOT / "launch" / "predict.py"))["main"]() == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"predict: error: no such image file or folder: {missing}"]
+
+
+def test_visualize_out_must_name_a_png_and_the_line_names_the_file_written(setup, tmp_path, capsys):
+    """A folder, or a name without .png, was written beside itself as NAME.png while the line
+    named NAME (or matplotlib refused another ending with a traceback)."""
+    from repro.tools import visualize
+
+    (tmp_path / "afile").write_text("")
+    for out, message in (
+        (tmp_path, "is a folder: name a PNG file in it"),
+        (tmp_path / "afile", "name a .png file"),
+        (tmp_path / "k.txt", "name a .png file"),
+    ):
+        with pytest.raises(OutputError, match=message):
+            visualize.kernels(setup["ckpt"], out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+    capsys.readouterr()
+    visualize.kernels(setup["ckpt"], out=tmp_path / "k.PNG")
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote {tmp_path / 'k.PNG'} and {tmp_path / 'k.json'}"
+    )
+    assert (tmp_path / "k.PNG").stat().st_size > 0

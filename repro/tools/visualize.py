@@ -42,7 +42,7 @@ from repro.net.model import LAYERS
 from repro.run.checkpoint import recorded_position
 from repro.run.plots import DPI, colour_specificity, figure3, plot_curves
 from repro.run.tracking import run_name
-from repro.tools.inference import load_trained, prepare_images, writable_dir
+from repro.tools.inference import OutputError, load_trained, prepare_images, writable_dir
 
 CONVS = LAYERS[:5]
 PANEL_INCHES = 2.0
@@ -60,13 +60,26 @@ def _beside(checkpoint: str | Path, suffix: str) -> Path:
     return path.with_name(f"{path.stem}_{suffix}.png")
 
 
+def png_path(out: Path) -> Path:
+    """`out` if it names a .png file whose folder can be written (made if missing), else
+    OutputError: a folder or another ending would have been written beside it as NAME.png."""
+    if out.is_dir():
+        raise OutputError(
+            f"--out {out} is a folder: name a PNG file in it, e.g. {out / 'figure.png'}"
+        )
+    if out.suffix.lower() != ".png":
+        raise OutputError(f"--out {out}: name a .png file (the figures are written as PNG)")
+    writable_dir(out.parent)
+    return out
+
+
 def kernels(checkpoint: str | Path, out: str | Path | None = None) -> dict:
     """Figure 3 PNG of conv1 (tower 0's block above tower 1's) and the score per tower, as JSON.
 
     Prints one line per tower; returns what the JSON file holds.
     """
     out = Path(out) if out is not None else _beside(checkpoint, "kernels")
-    writable_dir(out.parent)
+    png_path(out)
     model, cfg, _ = load_trained(checkpoint, device="cpu")
     step, epoch = recorded_position(checkpoint)
     conv1 = model.grouped_state_dict()["conv1.weight"]  # (T * n, 3, 11, 11), tower 0 first
@@ -118,7 +131,7 @@ def activations(checkpoint: str | Path, image: str | Path, out: str | Path | Non
     """
     image = str(image)
     out = Path(out) if out is not None else _beside(checkpoint, f"activations_{Path(image).stem}")
-    writable_dir(out.parent)
+    png_path(out)
     model, cfg, _ = load_trained(checkpoint, device="cpu")
     # The same patch twice: as the net gets it, and (no mean subtracted) as a person sees it.
     x = _patch(image, cfg.data)
@@ -185,7 +198,7 @@ def curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
             "(train.run_dir, holding metrics.jsonl)"
         )
     out = Path(out) if out is not None else run_dir / "curves.png"
-    writable_dir(out.parent)
+    png_path(out)
     plot_curves(metrics, out, title=_run_name(run_dir))
     print(f"wrote {out}")
     return out

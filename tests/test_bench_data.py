@@ -17,6 +17,7 @@ import importlib.util
 import json
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -129,6 +130,11 @@ def test_counts_that_would_crash_or_be_replaced_are_refused_at_the_command_line(
             load_launcher().main(argv)
         assert exit.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(said), argv
+    # A GPU asked for where none is: one line (exchange took it and measured on the CPU).
+    with mock.patch.object(torch.cuda, "is_available", lambda: False):
+        assert load_launcher().main(["exchange", "--tiny", "--device", "cuda"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ["bench: error: --device cuda but no CUDA GPU is visible"], said
     # Photos narrower than 40 px drew their ellipses' radius from an empty range.
     root = bench_data.make_jpegs(tmp_path, images=2, size=(10, 10))
     assert len(list((root / "train").rglob("*.jpg"))) == 2

@@ -34,6 +34,7 @@ from repro.bench.step import Case, Job, rank_main
 from repro.bench.traffic import LinkModel, dtype_bytes, exchange_volume, modelled_seconds
 from repro.bench.train import TINY
 from repro.config import ModelConfig
+from repro.net.dist import LayoutError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +92,8 @@ def volume_rows(
 def run(args: argparse.Namespace) -> dict:
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = "cuda" if gpu else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayoutError("--device cuda but no CUDA GPU is visible")
     cfg = TINY if args.tiny else ModelConfig(num_classes=args.classes)
     links = [LinkModel(f"{bw:g} GB/s", bw, args.latency_us) for bw in args.bandwidth_gbs]
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
     volume = volume_rows(cfg, args.precision, args.batch, links, args.mode == "train")
     measured, notes = None, []
     if device == "cuda" and torch.cuda.device_count() < 2:
-        notes.append("2-rank exchange times not measured: needs 2 GPUs, 1 visible")
+        visible = torch.cuda.device_count()
+        notes.append(f"2-rank exchange times not measured: needs 2 GPUs, {visible} visible")
     else:
         job = Job(
             args.mode,

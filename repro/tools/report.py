@@ -147,7 +147,7 @@ def format_table(report: dict) -> str:
     """The errors per scheme, then each class's accuracy per scheme (worst first)."""
     results = report["results"]
     lines = [
-        f"{report['checkpoint']} (epoch {report['epoch']}, step {report['step']}) on "
+        f"{report['checkpoint']} (step {report['step']}, {report['epoch']} full epoch(s)) on "
         f"{report['validation']}: {report['images']} images, {len(report['class_names'])} classes",
         f"{'':<14}{'top-1 error':>12}{'top-5 error':>13}{'loss':>9}",
     ]

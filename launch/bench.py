@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
 from repro import cli
 
@@ -49,6 +50,21 @@ EXAMPLES = {
 }
 
 
+def check_out(out: str | None) -> None:
+    """OutputError if --out is a folder or its folder cannot be made or written."""
+    from repro.data.prepare import output_problem
+    from repro.tools.inference import OutputError
+
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder: name a JSON file, e.g. {path / 'bench.json'}")
+    problem = output_problem(path.parent)
+    if problem is not None:
+        raise OutputError(f"--out {path}: its folder {path.parent} {problem}; choose another file")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("bench", __doc__.splitlines()[0], __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # Bad input (a missing data folder, an impossible layout, an --out that cannot be written)
     # is one line and exit code 2, as in every launch/ command.
     def measure() -> None:
+        check_out(args.out)  # before the minutes of measuring, not after them
         importlib.import_module(args.module).run(args)  # prints its table, writes its JSON
 
     return cli.run("bench", measure, also=(OSError,))

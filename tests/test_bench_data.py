@@ -8,7 +8,8 @@ pairs, gather bytes = half a batch of uint8 224^2 patches) beside the machine, v
 git revision and load; --wait reports a data-wait share in (0, 1); `--help` shows examples;
 the DataLoader side yields what DALI yields in shape, dtype and value range; every bench
 sub-command refuses a count that would crash or be replaced (0 steps, rounds, workers...) at
-the command line, and the made photos may be small.
+the command line, a GPU where none is, and an --out it cannot write before measuring; the
+made photos may be small.
 """
 
 from __future__ import annotations
@@ -135,6 +136,16 @@ def test_counts_that_would_crash_or_be_replaced_are_refused_at_the_command_line(
         assert load_launcher().main(["exchange", "--tiny", "--device", "cuda"]) == 2
     said = capsys.readouterr().err.strip().splitlines()
     assert said == ["bench: error: --device cuda but no CUDA GPU is visible"], said
+    # An --out that cannot be written is named before the benchmark runs, not after it.
+    (tmp_path / "afile").write_text("")
+    for out, message in (
+        (tmp_path, f"--out {tmp_path} is a folder: name a JSON file"),
+        (tmp_path / "afile" / "x.json", f"its folder {tmp_path / 'afile'} exists and is not a"),
+    ):
+        with mock.patch.object(bench_data, "run", side_effect=AssertionError("measured")):
+            assert load_launcher().main(["data", "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("bench: error: ") and message in line, line
     # Photos narrower than 40 px drew their ellipses' radius from an empty range.
     root = bench_data.make_jpegs(tmp_path, images=2, size=(10, 10))
     assert len(list((root / "train").rglob("*.jpg"))) == 2

@@ -31,9 +31,11 @@ def main() -> int:
         from repro.config import load_config
         from repro.net.summary import format_summary
 
-        # paper.yaml rather than the bare defaults: those name no data folder, which the
-        # config check asks for although a summary reads only the model section.
-        print(format_summary(load_config(config or PAPER, overrides).model))
+        # A summary reads the model section alone: the data source is made synthetic (last,
+        # so it wins), so a config that names no data folder, as a model-only one does, is not
+        # refused for it; the model's own rules (and data.crop = model.image_size) still hold.
+        synthetic = [*overrides, "data.source=synthetic"]
+        print(format_summary(load_config(config or PAPER, synthetic).model))
         return 0
 
     return cli.run("summary", run)

@@ -250,14 +250,22 @@ def test_dropout_counter_travels_in_state_dict():
 
 @pytest.mark.parametrize(
     "argv, flops",
-    [((), "training 4.14 GFLOP"), (("model.towers=1",), "training 1.76 GFLOP")],
+    [
+        ((), "training 4.14 GFLOP"),
+        (("model.towers=1",), "training 1.76 GFLOP"),
+        (("MODEL_ONLY",), "training 1.76 GFLOP"),
+    ],
 )
-def test_summary_command_without_a_config_is_the_papers_net(argv, flops):
-    """`python launch/summary.py [overrides]`: the paper's net (it asked for a data folder)."""
+def test_summary_command_without_a_config_is_the_papers_net(argv, flops, tmp_path):
+    """`python launch/summary.py [overrides]`: the paper's net (it asked for a data folder),
+    and a config of the model alone (it was refused for naming no data folder)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    if argv == ("MODEL_ONLY",):
+        (tmp_path / "model.yaml").write_text("model: {towers: 1}\n")
+        argv = (str(tmp_path / "model.yaml"),)
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, str(root / "launch" / "summary.py"), *argv],

@@ -136,6 +136,12 @@ def test_counts_that_would_crash_or_be_replaced_are_refused_at_the_command_line(
         assert load_launcher().main(["exchange", "--tiny", "--device", "cuda"]) == 2
     said = capsys.readouterr().err.strip().splitlines()
     assert said == ["bench: error: --device cuda but no CUDA GPU is visible"], said
+    # Too few made images for one batch: named by the bench's options, not train.batch_size.
+    assert load_launcher().main(["data", "--images", "16", "--out", str(tmp_path / "d.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "bench: error: --images 16 cannot fill one --batch 64: give --images 64 or more, "
+        "or --batch 16 or less"
+    ]
     # An --out that cannot be written is named before the benchmark runs, not after it.
     (tmp_path / "afile").write_text("")
     for out, message in (

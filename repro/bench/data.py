@@ -46,6 +46,7 @@ from repro.bench import kit
 from repro.config import DataConfig, load_config
 from repro.data import augment
 from repro.data import loaders as data
+from repro.data.folders import DataError
 from repro.data.stats import imagenet_stats
 from repro.net.dist import single_process_layout
 
@@ -290,6 +291,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if not args.root and args.images < args.batch:  # else the loaders' line names train.*
+        raise DataError(
+            f"--images {args.images} cannot fill one --batch {args.batch}: "
+            f"give --images {args.batch} or more, or --batch {args.images} or less"
+        )
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         made_root = Path(tmp) / "originals"
         root = (

@@ -51,18 +51,11 @@ EXAMPLES = {
 
 
 def check_out(out: str | None) -> None:
-    """OutputError if --out is a folder or its folder cannot be made or written."""
-    from repro.data.prepare import output_problem
-    from repro.tools.inference import OutputError
+    """A PrepareError if --out is a folder or its folder cannot be made or written."""
+    from repro.data.prepare import require_output_file
 
-    if not out:
-        return
-    path = Path(out)
-    if path.is_dir():
-        raise OutputError(f"--out {path} is a folder: name a JSON file, e.g. {path / 'bench.json'}")
-    problem = output_problem(path.parent)
-    if problem is not None:
-        raise OutputError(f"--out {path}: its folder {path.parent} {problem}; choose another file")
+    if out:
+        require_output_file(Path(out), "bench.json", "a JSON file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args.out)  # before the minutes of measuring, not after them
         importlib.import_module(args.module).run(args)  # prints its table, writes its JSON
 
-    return cli.run("bench", measure, also=(OSError,))
+    from repro.data.prepare import PrepareError  # the --out check's (no torch behind it)
+
+    return cli.run("bench", measure, also=(OSError, PrepareError))
 
 
 if __name__ == "__main__":

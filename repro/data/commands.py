@@ -69,13 +69,8 @@ def _stats(a: argparse.Namespace) -> int:
     root = prepare.require_dir(Path(a.root), "image folder")
     if a.out is None:
         prepare.require_output(root, "image folder", fix="pass --out FILE to write elsewhere")
-    elif Path(a.out).is_dir():
-        raise prepare.PrepareError(
-            f"--out {a.out} is a folder: name a file, e.g. {a.out}/stats.npz"
-        )
     else:
-        out = Path(a.out)
-        prepare.require_output(out.parent, f"--out {out}: its folder", fix="choose another file")
+        prepare.require_output_file(Path(a.out), "stats.npz")
     from repro.data.stats import compute_stats  # here: the other commands work without it
 
     stats = compute_stats(root, out=a.out, sample=a.sample, resize=a.resize, seed=a.seed)

@@ -127,6 +127,14 @@ def require_output(
     return path
 
 
+def require_output_file(out: Path, example: str, kind: str = "a file") -> Path:
+    """Return `out` (an --out FILE) if it is no folder and its folder can be written
+    (`output_problem`), else a PrepareError naming --out and the fix; creates nothing."""
+    if out.is_dir():
+        raise PrepareError(f"--out {out} is a folder: name {kind}, e.g. {out / example}")
+    return require_output(out.parent, f"--out {out}: its folder", fix="choose another file")
+
+
 def copy_atomic(source: Path, target: Path) -> None:
     """Copy source to target through a hidden temporary name, so a cut copy is never mistaken
     for a finished one."""
